@@ -1,0 +1,146 @@
+"""The one validation layer: every public entry point calls these before doing any work.
+
+Messages name the offending task, parameter or file and say what was expected. Nothing here
+modifies its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .merging.functional import first_linear_weight
+
+BASES = ("task_arithmetic", "ties")
+OBJECTIVE_NAMES = ("kl", "feature", "entropy")
+PRECISIONS = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_number(value, name, *, low=None, high=None, low_open=False, high_open=False, integer=False):
+    """Raise ``TypeError``/``ValueError`` unless ``value`` is a finite number in the given range."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    lo_bad = low is not None and (value <= low if low_open else value < low)
+    hi_bad = high is not None and (value >= high if high_open else value > high)
+    if lo_bad or hi_bad:
+        lb = "(" if low_open else "["
+        hb = ")" if high_open else "]"
+        rng = f"{lb}{'-inf' if low is None else low}, {'inf' if high is None else high}{hb}"
+        raise ValueError(f"{name} must be in {rng}, got {value!r}")
+    return value
+
+
+def check_choice(value, name, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {list(choices)}")
+    return value
+
+
+def resolve_device(device) -> torch.device:
+    """A ``torch.device`` that exists on this machine, or a clear error."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str):
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"unknown device {device!r}; expected 'cpu', 'cuda' or 'cuda:N'") from exc
+    else:
+        raise TypeError(f"device must be a string such as 'cpu' or 'cuda', got {type(device).__name__}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps"):
+        raise ValueError(f"unsupported device {device!r}; expected 'cpu' or 'cuda'")
+    return dev
+
+
+def check_task_dict(value, name, *, allow_lazy=False) -> dict:
+    """``{task: module}`` from a dict or list, rejecting strings and single modules."""
+    if isinstance(value, nn.Module):
+        raise TypeError(
+            f"{name} must be a dict {{task: module}} or a list of modules, got a single {type(value).__name__}"
+        )
+    if value is None:
+        raise TypeError(f"{name} is required (got None)")
+    if isinstance(value, Mapping):
+        out = {str(k): v for k, v in value.items()}
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        out = {str(i): v for i, v in enumerate(value)}
+    else:
+        raise TypeError(f"{name} must be a dict {{task: module}} or a list of modules, got {type(value).__name__}")
+    if not out:
+        raise ValueError(f"{name} is empty: give at least one task")
+    for task, m in out.items():
+        if isinstance(m, nn.Module):
+            continue
+        if allow_lazy and isinstance(m, Mapping):
+            continue
+        if allow_lazy and isinstance(m, (str, os.PathLike)):
+            if not os.path.isfile(m):
+                raise ValueError(f"{name}[{task!r}] is the path {str(m)!r}, which is not an existing file")
+            continue
+        what = "a torch.nn.Module, a state dict or a checkpoint path" if allow_lazy else "a torch.nn.Module"
+        raise TypeError(f"{name}[{task!r}] must be {what}, got {type(m).__name__}")
+    return out
+
+
+def check_same_tasks(**named) -> list[str]:
+    """All task collections name the same tasks; returns the reference order (the first one's)."""
+    (ref_name, ref), *others = named.items()
+    for other_name, other in others:
+        missing = [t for t in ref if t not in other]
+        extra = [t for t in other if t not in ref]
+        if missing or extra:
+            raise ValueError(
+                f"{other_name} must name the same tasks as {ref_name} {list(ref)}; missing: {missing}, extra: {extra}"
+            )
+    return list(ref)
+
+
+def check_state(state: dict, name: str) -> None:
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{name}: entry {k!r} contains NaN or infinite values")
+
+
+def check_encoder_states(pre_state: dict, ft_state: dict, task: str) -> None:
+    """Same entries, shapes and kinds as the pretrained encoder; name the first difference."""
+    for k, v in pre_state.items():
+        if k not in ft_state:
+            raise ValueError(f"finetuned_encoders[{task!r}] differs in architecture: missing entry {k!r}")
+        w = ft_state[k]
+        if w.shape != v.shape:
+            raise ValueError(
+                f"finetuned_encoders[{task!r}] differs in architecture: entry {k!r} has shape "
+                f"{tuple(w.shape)}, the pretrained encoder has {tuple(v.shape)}"
+            )
+        if w.is_floating_point() != v.is_floating_point():
+            raise ValueError(f"finetuned_encoders[{task!r}]: entry {k!r} is {w.dtype}, pretrained is {v.dtype}")
+    extra = [k for k in ft_state if k not in pre_state]
+    if extra:
+        raise ValueError(f"finetuned_encoders[{task!r}] differs in architecture: unexpected entries {extra[:5]}")
+    check_state(ft_state, f"finetuned_encoders[{task!r}]")
+
+
+def check_heads(heads: dict, feature_dim: int) -> None:
+    for task, head in heads.items():
+        wname = first_linear_weight(head, name=f"heads[{task!r}]")
+        w = head.state_dict(keep_vars=True)[wname]
+        if not w.is_floating_point():
+            raise ValueError(f"heads[{task!r}]: weight must be floating point, got {w.dtype}")
+        if w.shape[1] != feature_dim:
+            raise ValueError(
+                f"heads[{task!r}] expects {w.shape[1]} input features but the encoder outputs {feature_dim}"
+            )
+        check_state({k: v.detach() for k, v in head.state_dict(keep_vars=True).items()}, f"heads[{task!r}]")

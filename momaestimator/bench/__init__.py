@@ -1,0 +1,1 @@
+"""Benchmark: the embedded zoo of real-image tasks and the merging comparison."""

@@ -1,0 +1,298 @@
+"""Per-task inputs: :class:`TaskSamples` and the conversion of what users pass into per-task batches.
+
+Users hold their data as ``{task: DataLoader | Dataset | Tensor | ndarray}``; model selection
+needs one indexable container it can split. :class:`TaskSamples` is that container: a lazy
+view of ``(task, sample)`` pairs over the per-task storage, which indexing never copies (the
+trick skorch's ``SliceDataset`` uses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["TaskSamples", "iter_task_batches", "materialize_inputs", "split_inputs_and_labels"]
+
+
+def _to_tensor(x, *, what: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, np.ndarray):
+        if x.dtype == object:
+            raise TypeError(f"{what} is an object array; expected a numeric array")
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, (list, tuple)) and x and isinstance(x[0], (torch.Tensor, np.ndarray)):
+        return torch.stack([_to_tensor(v, what=what) for v in x])
+    raise TypeError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+
+
+def _split_item(item):
+    """A dataset item or loader batch is ``x`` or ``(x, y, ...)``."""
+    if isinstance(item, (tuple, list)):
+        if len(item) == 0:
+            raise ValueError("got an empty item from a dataset/loader")
+        return item[0], (item[1] if len(item) > 1 else None)
+    if isinstance(item, Mapping):
+        for xk in ("x", "image", "images", "input", "inputs", "pixel_values"):
+            if xk in item:
+                yk = next((k for k in ("y", "label", "labels", "target", "targets") if k in item), None)
+                return item[xk], (item[yk] if yk else None)
+        raise ValueError(f"cannot find the inputs in a dict item with keys {sorted(item)}")
+    return item, None
+
+
+class TaskSamples:
+    """A lazy, indexable view of ``(task, sample)`` pairs over per-task data.
+
+    ``len(ts)`` counts samples over all tasks; ``ts.shape == (len(ts),)`` so scikit-learn's
+    splitters and ``GridSearchCV`` can index it; integer, boolean, slice and array indexing
+    return a new :class:`TaskSamples` over the same storage (no copy of any input).
+
+    Build it with :meth:`from_datasets` or :meth:`from_arrays`.
+
+    Parameters
+    ----------
+    storage : dict of str to object
+        Per task, an indexable of inputs (array, tensor) or a ``Dataset`` whose items are
+        ``x`` or ``(x, y)``.
+    labels : dict of str to array-like, optional
+        Per task, labels aligned with ``storage`` (for arrays); datasets carry their own.
+    task_ids, sample_ids : numpy.ndarray, optional
+        The view: for sample ``i``, its task number (into :attr:`tasks`) and its index in that
+        task's storage. Defaults to every sample of every task, task by task.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ts = TaskSamples.from_arrays({"a": np.zeros((4, 2)), "b": np.ones((2, 2))}, {"a": [0, 1, 0, 1], "b": [1, 1]})
+    >>> len(ts), ts.shape, ts.tasks
+    (6, (6,), ['a', 'b'])
+    >>> sub = ts[[0, 5]]
+    >>> sub.task_ids.tolist(), sub.targets().tolist()
+    ([0, 1], [0, 1])
+    """
+
+    def __init__(self, storage, labels=None, task_ids=None, sample_ids=None):
+        self._storage = dict(storage)
+        self._labels = dict(labels or {})
+        self.tasks = list(self._storage)
+        if task_ids is None:
+            sizes = [len(self._storage[t]) for t in self.tasks]
+            task_ids = np.repeat(np.arange(len(self.tasks)), sizes)
+            sample_ids = np.concatenate([np.arange(n) for n in sizes]) if sizes else np.zeros(0, int)
+        self.task_ids = np.asarray(task_ids, dtype=np.int64)
+        self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
+
+    @classmethod
+    def from_datasets(cls, datasets):
+        """From ``{task: torch Dataset}`` whose items are ``x`` or ``(x, y)``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> ds = TensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 1]))
+        >>> TaskSamples.from_datasets({"a": ds}).targets().tolist()
+        [0, 1, 1]
+        """
+        if not isinstance(datasets, Mapping):
+            raise TypeError(f"datasets must be a dict {{task: Dataset}}, got {type(datasets).__name__}")
+        for t, ds in datasets.items():
+            if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+                raise TypeError(f"datasets[{t!r}] must be a map-style Dataset, got {type(ds).__name__}")
+        return cls({str(t): ds for t, ds in datasets.items()})
+
+    @classmethod
+    def from_arrays(cls, inputs, labels=None):
+        """From ``{task: array or tensor of inputs}`` and optional ``{task: labels}``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> len(TaskSamples.from_arrays({"a": torch.zeros(3, 2)}))
+        3
+        """
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"inputs must be a dict {{task: array}}, got {type(inputs).__name__}")
+        storage = {str(t): (x if isinstance(x, torch.Tensor) else np.asarray(x)) for t, x in inputs.items()}
+        lab = None
+        if labels is not None:
+            if not isinstance(labels, Mapping):
+                raise TypeError(f"labels must be a dict {{task: labels}}, got {type(labels).__name__}")
+            missing = sorted(set(storage) - {str(t) for t in labels})
+            extra = sorted({str(t) for t in labels} - set(storage))
+            if missing or extra:
+                raise ValueError(f"labels must name the same tasks as inputs; missing: {missing}, extra: {extra}")
+            lab = {str(t): np.asarray(v) for t, v in labels.items()}
+            for t in storage:
+                if len(lab[t]) != len(storage[t]):
+                    raise ValueError(
+                        f"task {t!r}: {len(lab[t])} labels for {len(storage[t])} inputs; expected one label per input"
+                    )
+        return cls(storage, lab)
+
+    def __len__(self) -> int:
+        return len(self.task_ids)
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    @property
+    def ndim(self) -> int:
+        return 1
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            key = [int(key)]
+        if isinstance(key, tuple):
+            raise IndexError("TaskSamples is 1-D: index it with an int, slice, boolean mask or integer array")
+        return TaskSamples(self._storage, self._labels, self.task_ids[key], self.sample_ids[key])
+
+    def __repr__(self) -> str:
+        counts = np.bincount(self.task_ids, minlength=len(self.tasks))
+        return "TaskSamples(" + ", ".join(f"{t}={c}" for t, c in zip(self.tasks, counts)) + ")"
+
+    def indices_by_task(self) -> dict[str, np.ndarray]:
+        """``{task: storage indices}`` for every task present in this view, in view order."""
+        return {t: self.sample_ids[self.task_ids == i] for i, t in enumerate(self.tasks) if (self.task_ids == i).any()}
+
+    def positions_by_task(self) -> dict[str, np.ndarray]:
+        """``{task: positions in this view}`` for every task present."""
+        return {t: np.flatnonzero(self.task_ids == i) for i, t in enumerate(self.tasks) if (self.task_ids == i).any()}
+
+    def _item(self, task, i):
+        store = self._storage[task]
+        if isinstance(store, (np.ndarray, torch.Tensor)):
+            return store[i], (self._labels[task][i] if task in self._labels else None)
+        return _split_item(store[int(i)])
+
+    def task_inputs(self, task: str, idx) -> torch.Tensor:
+        """Stacked inputs of ``task`` at storage indices ``idx``."""
+        store = self._storage[task]
+        if isinstance(store, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(store[idx]))
+        if isinstance(store, torch.Tensor):
+            return store[torch.as_tensor(idx, dtype=torch.long)].detach()
+        return torch.stack([_to_tensor(self._item(task, i)[0], what=f"task {task!r} item {i}") for i in idx])
+
+    def task_labels(self, task: str, idx):
+        """Labels of ``task`` at storage indices ``idx``, or ``None`` when the data has none."""
+        store = self._storage[task]
+        if isinstance(store, (np.ndarray, torch.Tensor)):
+            return np.asarray(self._labels[task])[idx] if task in self._labels else None
+        ys = [self._item(task, i)[1] for i in idx]
+        if any(y is None for y in ys):
+            return None
+        return np.asarray([int(y) for y in ys])
+
+    def targets(self) -> np.ndarray:
+        """Labels aligned with this view (raises ``ValueError`` when the data has none)."""
+        out = np.empty(len(self), dtype=np.int64)
+        for task, pos in self.positions_by_task().items():
+            labels = self.task_labels(task, self.sample_ids[pos])
+            if labels is None:
+                raise ValueError(f"task {task!r} has no labels: build TaskSamples with labels to score")
+            out[pos] = labels
+        return out
+
+
+def split_inputs_and_labels(X, y=None, *, name="X"):
+    """Normalise the user's ``X`` (and ``y``) into ``{task: source}`` plus ``{task: labels or None}``.
+
+    A source is something :func:`iter_task_batches` can read: a tensor/array, a Dataset, a DataLoader,
+    or a ``(TaskSamples, indices)`` pair.
+    """
+    if isinstance(X, TaskSamples):
+        sources, labels = {}, {}
+        y_arr = None if y is None else np.asarray(y)
+        if y_arr is not None and len(y_arr) != len(X):
+            raise ValueError(f"y has {len(y_arr)} labels for {len(X)} samples in {name}; expected one per sample")
+        for task, pos in X.positions_by_task().items():
+            sources[task] = (X, X.sample_ids[pos])
+            labels[task] = y_arr[pos] if y_arr is not None else None
+        return sources, labels
+    if not isinstance(X, Mapping):
+        raise TypeError(
+            f"{name} must be a dict {{task: DataLoader | Dataset | Tensor | ndarray}} or a TaskSamples, "
+            f"got {type(X).__name__}"
+        )
+    sources, labels = {}, {}
+    if y is not None and not isinstance(y, Mapping):
+        raise TypeError(f"y must be None or a dict {{task: labels}} when {name} is a dict, got {type(y).__name__}")
+    for task, src in X.items():
+        task = str(task)
+        lab = None
+        if isinstance(src, tuple) and len(src) == 2 and not isinstance(src[0], (int, float)):
+            src, lab = src
+        if isinstance(src, str):
+            raise TypeError(f"{name}[{task!r}] is a string; expected a DataLoader, Dataset, Tensor or ndarray")
+        if (
+            not isinstance(src, (torch.Tensor, np.ndarray, Dataset, DataLoader))
+            and not (hasattr(src, "__getitem__") and hasattr(src, "__len__"))
+            and not hasattr(src, "__iter__")
+        ):
+            raise TypeError(
+                f"{name}[{task!r}] must be a DataLoader, Dataset, Tensor or ndarray, got {type(src).__name__}"
+            )
+        if y is not None and str(task) in {str(k) for k in y}:
+            lab = {str(k): v for k, v in y.items()}[task]
+        sources[task] = src
+        labels[task] = None if lab is None else np.asarray(lab)
+    return sources, labels
+
+
+def iter_task_batches(source, labels=None, *, batch_size=256, task="?"):
+    """Yield ``(x, y)`` batches (``y`` may be ``None``) from one task's source."""
+    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], TaskSamples):
+        ts, idx = source
+        for i in range(0, len(idx), batch_size):
+            part = idx[i : i + batch_size]
+            y = labels[i : i + batch_size] if labels is not None else ts.task_labels(task, part)
+            yield ts.task_inputs(task, part), y
+        return
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        x_all = _to_tensor(source, what=f"X[{task!r}]")
+        for i in range(0, len(x_all), batch_size):
+            yield x_all[i : i + batch_size], (labels[i : i + batch_size] if labels is not None else None)
+        return
+    if isinstance(source, DataLoader) or not (hasattr(source, "__getitem__") and hasattr(source, "__len__")):
+        offset = 0
+        for batch in source:
+            x, y = _split_item(batch)
+            x = _to_tensor(x, what=f"a batch of X[{task!r}]")
+            if labels is not None:
+                y = labels[offset : offset + len(x)]
+            offset += len(x)
+            yield x, (None if y is None else np.asarray(y))
+        return
+    # map-style dataset
+    n = len(source)
+    for i in range(0, n, batch_size):
+        items = [_split_item(source[j]) for j in range(i, min(n, i + batch_size))]
+        x = torch.stack([_to_tensor(it[0], what=f"X[{task!r}][{j}]") for j, it in enumerate(items, i)])
+        if labels is not None:
+            y = labels[i : i + len(items)]
+        elif all(it[1] is not None for it in items):
+            y = np.asarray([int(it[1]) for it in items])
+        else:
+            y = None
+        yield x, y
+
+
+def materialize_inputs(source, *, task: str, dtype=None, device=None) -> torch.Tensor:
+    """All inputs of one task as one tensor (fit data is small: a few samples per class)."""
+    parts = [x for x, _ in iter_task_batches(source, task=task)]
+    if not parts:
+        raise ValueError(f"X[{task!r}] is empty: fit needs at least one unlabeled sample per task")
+    x = torch.cat(parts)
+    if len(x) == 0:
+        raise ValueError(f"X[{task!r}] is empty: fit needs at least one unlabeled sample per task")
+    if not x.is_floating_point():
+        x = x.float()
+    if not torch.isfinite(x).all():
+        raise ValueError(f"X[{task!r}] contains NaN or infinite values")
+    return x.to(device=device, dtype=dtype)

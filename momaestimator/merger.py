@@ -1,0 +1,548 @@
+"""``MOMAMerger``: the scikit-learn estimator over the pure-torch MOMA core.
+
+This is the only module that knows about scikit-learn estimators. It validates, converts the
+user's inputs, and calls :mod:`momaestimator.merging` for every piece of tensor work.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, clone
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+
+from . import _validation as V
+from ._io import atomic_write
+from .data import iter_task_batches, materialize_inputs, split_inputs_and_labels
+from .merging.fit import FitConfig, HeadSpec, fit_moma, merged_state, teacher_targets
+from .merging.functional import absorb_heads, clone_with_state, encode, structure_copy
+from .merging.task_arithmetic import multitask_vector
+from .merging.task_vectors import as_state_dict
+from .models import MergedModel
+
+__all__ = ["MOMAMerger"]
+
+_MODULE_PARAMS = ("pretrained_encoder", "finetuned_encoders", "heads")
+_FITTED = ("tasks_", "mask_", "rotations_", "history_", "n_iter_", "best_step_", "feature_dim_", "interrupted_")
+
+
+def _load_state(source, task):
+    """A fine-tuned encoder's state dict from a module, a state dict or a checkpoint path."""
+    if isinstance(source, (str, os.PathLike)):
+        from .checkpoints import load_state_dict_file
+
+        return as_state_dict(load_state_dict_file(source), name=f"finetuned_encoders[{task!r}]")
+    return as_state_dict(source, name=f"finetuned_encoders[{task!r}]")
+
+
+class MOMAMerger(BaseEstimator):
+    """Merge fine-tuned encoders with MOMA: a learned global mask and per-task rotations, absorbed.
+
+    MOMA (Masked Orthogonal Matrix Alignment) starts from a base merge
+    ``θ_0 + λ·τ_MT`` of the fine-tuned encoders, then learns from a few unlabeled samples per
+    task (i) one binary mask ``m`` over the multi-task vector ``τ_MT``, shared by all tasks, and
+    (ii) one rotation ``Q_t`` per task between the merged encoder and that task's frozen head,
+    by matching the fine-tuned experts' predictions (KL divergence). :meth:`transform` absorbs
+    both into existing weights — ``θ* = θ_0 + λ (m ⊙ τ_MT)``, ``W_t* = W_t Q_t`` — so the result
+    has exactly the parameters of one encoder plus the original heads.
+
+    Parameters
+    ----------
+    pretrained_encoder : torch.nn.Module
+        The pretrained encoder ``θ_0`` (e.g. an open_clip image tower). Never modified.
+    finetuned_encoders : dict of str to torch.nn.Module, or list
+        One fine-tuned encoder per task, same architecture. Modules, state dicts, or checkpoint
+        paths (loaded one at a time). A list names tasks ``"0"``, ``"1"``, ...
+    heads : dict of str to torch.nn.Module, or list
+        One frozen classification head per task, same keys: ``nn.Linear``, :class:`LinearHead`
+        (normalising), any module with a 2-D ``weight``, or an ``nn.Sequential`` starting with one.
+    sparsity : float, default=0.1
+        Fraction of ``τ_MT``'s entries the final binary mask removes, in [0, 1). With 0 the mask
+        keeps everything (only the rotations are learned).
+    base : {"task_arithmetic", "ties"}, default="task_arithmetic"
+        The base merge that builds ``τ_MT``.
+    scaling : float, default=0.3
+        λ, the scale of the multi-task vector (the field's default for 8 CLIP tasks).
+    top_k : float, default=0.2
+        TIES base only: fraction of each task vector kept.
+    learn_mask : bool, default=True
+        Learn the mask (False: mask-free, rotation-only ablation).
+    learn_rotations : bool, default=True
+        Learn the rotations (False: mask-only ablation).
+    objective : {"kl", "feature", "entropy"}, default="kl"
+        ``kl``: KL from each expert's predictions; ``feature``: align normalised features with the
+        expert's; ``entropy``: prediction entropy (needs no expert).
+    n_steps : int, default=100
+        Optimisation steps; each step sees ``batch_size`` samples of every task.
+    lr : float, default=0.05
+        Adam learning rate of the mask scores.
+    rotation_lr : float, default=1e-3
+        Adam learning rate of the rotation generators (much lower than ``lr``: see the user guide).
+    batch_size : int, default=16
+        Samples per task per step.
+    validation_fraction : float, default=0.2
+        Share of each task's *unlabeled* fit data held out; the state with the lowest held-out
+        objective is kept (early stopping without labels). 0 keeps the last state.
+    eval_every : int, default=10
+        Steps between two held-out evaluations.
+    rotation_map : {"exp", "cayley"}, default="exp"
+        How a skew-symmetric generator becomes a rotation.
+    precision : {None, "bf16", "fp16"}, default=None
+        Autocast dtype of the encoder's forward pass; mask scores and rotations stay float32.
+    device : str or torch.device, default="cpu"
+        Where fitting and scoring run; the user's modules stay where they are.
+    random_state : int, RandomState instance or None, default=None
+        Seeds batch sampling, the hold-out split and tie-breaking; an int gives identical CPU results.
+    verbose : int, default=0
+        Show a progress bar when > 0.
+
+    Attributes
+    ----------
+    tasks_ : list of str
+        Task names, in order.
+    mask_ : dict of str to torch.BoolTensor
+        The learned binary mask over ``τ_MT`` (``True`` = kept), per state-dict entry.
+    rotations_ : dict of str to torch.Tensor
+        ``Q_t`` (``d × d``, orthogonal) per task.
+    history_ : list of dict
+        One record per step: ``step``, ``loss``, ``per_task_loss``, ``seconds``, ``valid_loss`` when evaluated.
+    n_iter_ : int
+        Steps run.
+    best_step_ : int
+        Step whose state was kept (held-out objective), 0 = the base merge.
+    feature_dim_ : int
+        Encoder output dimension.
+    interrupted_ : bool
+        Whether fitting was stopped by ``KeyboardInterrupt`` (the best state so far is kept).
+
+    Examples
+    --------
+    >>> from momaestimator import MOMAMerger, toy
+    >>> pre, experts, heads, X = toy.make_problem(n_tasks=2, random_state=0)
+    >>> merger = MOMAMerger(pre, experts, heads, n_steps=5, random_state=0).fit(X)
+    >>> model = merger.transform()
+    >>> sum(p.numel() for p in model.parameters()) == toy.count_parameters(pre, heads)
+    True
+    """
+
+    def __init__(
+        self,
+        pretrained_encoder=None,
+        finetuned_encoders=None,
+        heads=None,
+        *,
+        sparsity=0.1,
+        base="task_arithmetic",
+        scaling=0.3,
+        top_k=0.2,
+        learn_mask=True,
+        learn_rotations=True,
+        objective="kl",
+        n_steps=100,
+        lr=0.05,
+        rotation_lr=1e-3,
+        batch_size=16,
+        validation_fraction=0.2,
+        eval_every=10,
+        rotation_map="exp",
+        precision=None,
+        device="cpu",
+        random_state=None,
+        verbose=0,
+    ):
+        self.pretrained_encoder = pretrained_encoder
+        self.finetuned_encoders = finetuned_encoders
+        self.heads = heads
+        self.sparsity = sparsity
+        self.base = base
+        self.scaling = scaling
+        self.top_k = top_k
+        self.learn_mask = learn_mask
+        self.learn_rotations = learn_rotations
+        self.objective = objective
+        self.n_steps = n_steps
+        self.lr = lr
+        self.rotation_lr = rotation_lr
+        self.batch_size = batch_size
+        self.validation_fraction = validation_fraction
+        self.eval_every = eval_every
+        self.rotation_map = rotation_map
+        self.precision = precision
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ sklearn plumbing
+    def __sklearn_clone__(self):
+        """Clone parameters as scikit-learn does, but share the (read-only) user modules."""
+        params = self.get_params(deep=False)
+        new = {k: (v if k in _MODULE_PARAMS else clone(v, safe=False)) for k, v in params.items()}
+        return type(self)(**new)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = False
+        tags.input_tags.two_d_array = False
+        tags.input_tags.dict = True
+        tags.non_deterministic = False
+        return tags
+
+    # ------------------------------------------------------------------ validation
+    def _check_params(self):
+        V.check_number(self.sparsity, "sparsity", low=0.0, high=1.0, high_open=True)
+        V.check_number(self.scaling, "scaling", low=0.0, low_open=True)
+        V.check_number(self.top_k, "top_k", low=0.0, high=1.0, low_open=True)
+        V.check_number(self.n_steps, "n_steps", low=0, integer=True)
+        V.check_number(self.lr, "lr", low=0.0, low_open=True)
+        V.check_number(self.rotation_lr, "rotation_lr", low=0.0, low_open=True)
+        V.check_number(self.batch_size, "batch_size", low=1, integer=True)
+        V.check_number(self.validation_fraction, "validation_fraction", low=0.0, high=1.0, high_open=True)
+        V.check_number(self.eval_every, "eval_every", low=1, integer=True)
+        V.check_choice(self.base, "base", V.BASES)
+        V.check_choice(self.objective, "objective", V.OBJECTIVE_NAMES)
+        V.check_choice(self.rotation_map, "rotation_map", ("exp", "cayley"))
+        V.check_choice(self.precision, "precision", list(V.PRECISIONS))
+        for flag in ("learn_mask", "learn_rotations"):
+            if not isinstance(getattr(self, flag), (bool, np.bool_)):
+                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        V.check_number(self.verbose, "verbose", low=0, integer=True)
+        return V.resolve_device(self.device)
+
+    def _check_models(self):
+        """Validated ``(tasks, pretrained state, {task: ft source}, {task: head})``."""
+        if self.pretrained_encoder is None or not isinstance(self.pretrained_encoder, torch.nn.Module):
+            raise TypeError(
+                f"pretrained_encoder must be a torch.nn.Module, got {type(self.pretrained_encoder).__name__}"
+            )
+        fts = V.check_task_dict(self.finetuned_encoders, "finetuned_encoders", allow_lazy=True)
+        heads = V.check_task_dict(self.heads, "heads")
+        tasks = V.check_same_tasks(finetuned_encoders=fts, heads=heads)
+        pre_state = as_state_dict(self.pretrained_encoder, name="pretrained_encoder")
+        V.check_state(pre_state, "pretrained_encoder")
+        for task, src in fts.items():
+            if not isinstance(src, (str, os.PathLike)):
+                if isinstance(src, torch.nn.Module) and type(src) is not type(self.pretrained_encoder):
+                    raise ValueError(
+                        f"finetuned_encoders[{task!r}] is a {type(src).__name__}, the pretrained encoder a "
+                        f"{type(self.pretrained_encoder).__name__}: encoders must share one architecture"
+                    )
+                V.check_encoder_states(pre_state, _load_state(src, task), task)
+        return tasks, pre_state, fts, heads
+
+    def _check_fit_data(self, X, tasks, device, dtype):
+        sources, _ = split_inputs_and_labels(X, None)
+        V.check_same_tasks(finetuned_encoders=dict.fromkeys(tasks), X=sources)
+        return {t: materialize_inputs(sources[t], task=t, dtype=dtype, device=device) for t in tasks}
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y=None):
+        """Learn the global mask and one rotation per task from unlabeled inputs.
+
+        Parameters
+        ----------
+        X : dict of str to (DataLoader, Dataset, Tensor or ndarray), or TaskSamples
+            Unlabeled inputs per task (loaders/datasets may yield ``(x, y)``; labels are ignored).
+        y : ignored
+            Labels are never used by fitting; accepted for scikit-learn compatibility.
+
+        Returns
+        -------
+        self : MOMAMerger
+        """
+        self._reset_fitted()
+        device = self._check_params()
+        tasks, pre_state, fts, heads = self._check_models()
+        dtype = next((v.dtype for v in pre_state.values() if v.is_floating_point()), torch.float32)
+        x_all = self._check_fit_data(X, tasks, device, dtype)
+
+        rng = check_random_state(self.random_state)
+        generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
+        skeleton = structure_copy(self.pretrained_encoder, device=device)
+        theta0 = {k: v.to(device) for k, v in pre_state.items()}
+        feature_dim = self._feature_dim(skeleton, theta0, x_all[tasks[0]])
+        V.check_heads(heads, feature_dim)
+        head_specs = {t: self._head_spec(heads[t], device) for t in tasks}
+        autocast = V.PRECISIONS[self.precision]
+
+        x_train, x_val = self._holdout(x_all, generator)
+        targets_train, targets_val = {}, {}
+        for t in tasks:  # one expert at a time: it can leave memory afterwards
+            state = {k: v.to(device) for k, v in _load_state(fts[t], t).items()}
+            targets_train[t] = teacher_targets(skeleton, state, head_specs[t], x_train[t], autocast_dtype=autocast)
+            if t in x_val:
+                targets_val[t] = teacher_targets(skeleton, state, head_specs[t], x_val[t], autocast_dtype=autocast)
+            del state
+        tau = self._multitask_vector(pre_state, fts, device)
+
+        cfg = FitConfig(
+            sparsity=self.sparsity,
+            scaling=self.scaling,
+            use_mask=self.learn_mask,
+            use_rotations=self.learn_rotations,
+            objective=self.objective,
+            n_steps=self.n_steps,
+            lr=self.lr,
+            rotation_lr=self.rotation_lr,
+            batch_size=self.batch_size,
+            eval_every=self.eval_every,
+            rotation_map=self.rotation_map,
+            autocast_dtype=autocast,
+            verbose=self.verbose,
+        )
+        progress = None
+        if self.verbose:
+            from tqdm.auto import tqdm
+
+            def progress(it):
+                return tqdm(it, desc="MOMA fit", unit="step")
+
+        result = fit_moma(
+            skeleton,
+            theta0,
+            tau,
+            head_specs,
+            x_train,
+            targets_train,
+            x_val,
+            targets_val,
+            cfg,
+            generator=generator,
+            progress=progress,
+        )
+        if result.interrupted:
+            warnings.warn(
+                f"fit interrupted at step {result.n_iter}; kept the best state so far (step {result.best_step})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.tasks_ = tasks
+        self.mask_ = result.mask
+        self.rotations_ = result.rotations
+        self.history_ = result.history
+        self.n_iter_ = result.n_iter
+        self.best_step_ = result.best_step
+        self.feature_dim_ = feature_dim
+        self.interrupted_ = result.interrupted
+        return self
+
+    def _reset_fitted(self):
+        for attr in _FITTED:
+            self.__dict__.pop(attr, None)
+
+    @staticmethod
+    def _feature_dim(skeleton, theta0, x):
+        with torch.no_grad():
+            z = encode(skeleton, theta0, x[:1])
+        if z.ndim != 2:
+            raise ValueError(f"the encoder must return (batch, features), got shape {tuple(z.shape)}")
+        return int(z.shape[1])
+
+    @staticmethod
+    def _head_spec(head, device):
+        state = {k: v.detach().to(device) for k, v in head.state_dict(keep_vars=True).items()}
+        return HeadSpec(skeleton=structure_copy(head, device=device), state=state)
+
+    def _holdout(self, x_all, generator):
+        """Split each task's unlabeled inputs into fit and held-out parts (seeded)."""
+        x_train, x_val = {}, {}
+        for t, x in x_all.items():
+            n_val = int(round(self.validation_fraction * len(x)))
+            if n_val == 0 or n_val >= len(x):
+                x_train[t] = x
+                continue
+            perm = torch.randperm(len(x), generator=generator).to(x.device)
+            x_val[t], x_train[t] = x[perm[:n_val]], x[perm[n_val:]]
+        if len(x_val) != len(x_all):  # early stopping needs every task's loss
+            return x_all, {}
+        return x_train, x_val
+
+    def _multitask_vector(self, pre_state, fts, device):
+        if all(not isinstance(s, (str, os.PathLike)) for s in fts.values()):
+            tau = multitask_vector(
+                pre_state, {t: _load_state(s, t) for t, s in fts.items()}, base=self.base, top_k=self.top_k
+            )
+        elif self.base == "task_arithmetic":  # stream checkpoints: one expert in memory at a time
+            tau = {k: torch.zeros_like(v) for k, v in pre_state.items() if v.is_floating_point()}
+            for t, s in fts.items():
+                state = _load_state(s, t)
+                for k in tau:
+                    tau[k] += state[k] - pre_state[k]
+                del state
+        else:
+            tau = multitask_vector(
+                pre_state, {t: _load_state(s, t) for t, s in fts.items()}, base=self.base, top_k=self.top_k
+            )
+        return {k: v.to(device) for k, v in tau.items()}
+
+    # ------------------------------------------------------------------ transform / score
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The absorbed encoder weights ``θ_0 + λ (m ⊙ τ_MT)`` as a new state dict (on the fit device)."""
+        check_is_fitted(self, "mask_")
+        device = V.resolve_device(self.device)
+        tasks, pre_state, fts, _ = self._check_models()
+        if tasks != self.tasks_:
+            raise ValueError(f"the models now name tasks {tasks}, but this merger was fitted on {self.tasks_}")
+        theta0 = {k: v.to(device) for k, v in pre_state.items()}
+        tau = self._multitask_vector(pre_state, fts, device)
+        mask = {k: v.to(device) for k, v in self.mask_.items()}
+        return merged_state(theta0, tau, mask, self.scaling)
+
+    def transform(self, X=None):
+        """Return the absorbed merged model (zero additional parameters).
+
+        Parameters
+        ----------
+        X : ignored
+            Present for API symmetry; the merged model does not depend on data.
+
+        Returns
+        -------
+        MergedModel
+            ``.encoder`` is a new instance of the user's encoder class holding
+            ``θ_0 + λ (m ⊙ τ_MT)``; ``.heads`` holds copies of the heads with ``W_t Q_t``.
+            It is placed on the pretrained encoder's device, in eval mode.
+        """
+        state = self.merged_state_dict()
+        target = next((v.device for v in as_state_dict(self.pretrained_encoder).values()), torch.device("cpu"))
+        encoder = clone_with_state(self.pretrained_encoder, {k: v.to(target) for k, v in state.items()})
+        heads = V.check_task_dict(self.heads, "heads")
+        new_heads = absorb_heads({t: heads[t] for t in self.tasks_}, self.rotations_)
+        return MergedModel(encoder, new_heads).eval()
+
+    def score_per_task(self, X, y=None) -> dict[str, float]:
+        """Top-1 accuracy of the absorbed model on each task.
+
+        Parameters
+        ----------
+        X : dict or TaskSamples
+            Labelled inputs per task: loaders/datasets yielding ``(x, y)``, ``{task: (inputs, labels)}``,
+            or ``{task: inputs}`` with ``y={task: labels}``; or a labelled ``TaskSamples``.
+        y : dict of str to array-like, or array-like, optional
+            Labels, when ``X`` does not carry them (an array aligned with a ``TaskSamples``).
+
+        Returns
+        -------
+        dict of str to float
+        """
+        check_is_fitted(self, "mask_")
+        device = self._check_params()
+        sources, labels = split_inputs_and_labels(X, y)
+        unknown = [t for t in sources if t not in self.tasks_]
+        if unknown:
+            raise ValueError(f"X names tasks {unknown} this merger was not fitted on; known: {self.tasks_}")
+        for t, lab in labels.items():
+            if (
+                lab is not None
+                and hasattr(sources[t], "__len__")
+                and len(lab) != len(sources[t])
+                and not isinstance(sources[t], tuple)
+            ):
+                raise ValueError(f"task {t!r}: {len(lab)} labels for {len(sources[t])} inputs")
+        model = self.transform().to(device)
+        return {t: _accuracy(model, t, sources[t], labels[t], device) for t in self.tasks_ if t in sources}
+
+    def score(self, X, y=None) -> float:
+        """Mean over tasks of the absorbed model's top-1 accuracy (unweighted).
+
+        Parameters
+        ----------
+        X, y
+            As in :meth:`score_per_task`.
+
+        Returns
+        -------
+        float
+        """
+        return float(np.mean(list(self.score_per_task(X, y).values())))
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path):
+        """Save the learned state (mask, rotations, parameters, task names) — not the encoders.
+
+        The write is atomic: a temporary file renamed into place.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        """
+        import joblib
+
+        check_is_fitted(self, "mask_")
+        params = {k: v for k, v in self.get_params(deep=False).items() if k not in _MODULE_PARAMS}
+        if not isinstance(params.get("random_state"), (int, type(None))):
+            params["random_state"] = None
+        state = {
+            "format": "momaestimator.MOMAMerger/1",
+            "params": params,
+            "fitted": {k: getattr(self, k) for k in _FITTED if k != "mask_"},
+            "mask": {k: (tuple(v.shape), np.packbits(v.numpy().ravel())) for k, v in self.mask_.items()},
+        }
+        atomic_write(path, lambda f: joblib.dump(state, f))
+
+    @classmethod
+    def load(cls, path, pretrained_encoder, finetuned_encoders, heads):
+        """Rebuild a fitted merger from :meth:`save`'s file and the same models.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        pretrained_encoder, finetuned_encoders, heads
+            The models the merger was fitted with.
+
+        Returns
+        -------
+        MOMAMerger
+        """
+        import joblib
+
+        try:
+            with open(path, "rb") as f:
+                state = joblib.load(f)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"cannot read {os.fspath(path)!r}: truncated or not a MOMAMerger file ({exc})") from exc
+        if not isinstance(state, Mapping) or state.get("format") != "momaestimator.MOMAMerger/1":
+            raise ValueError(f"{os.fspath(path)!r} is not a file written by MOMAMerger.save")
+        merger = cls(pretrained_encoder, finetuned_encoders, heads, **state["params"])
+        tasks, pre_state, _, _ = merger._check_models()
+        fitted = state["fitted"]
+        if tasks != fitted["tasks_"]:
+            raise ValueError(f"{os.fspath(path)!r} was fitted on tasks {fitted['tasks_']}, the models name {tasks}")
+        mask = {}
+        for k, (shape, bits) in state["mask"].items():
+            if k not in pre_state or tuple(pre_state[k].shape) != tuple(shape):
+                raise ValueError(f"{os.fspath(path)!r}: mask entry {k!r} does not match the pretrained encoder")
+            n = int(np.prod(shape))
+            mask[k] = torch.from_numpy(np.unpackbits(bits)[:n].astype(bool)).view(shape)
+        for k, v in fitted.items():
+            setattr(merger, k, v)
+        merger.mask_ = mask
+        return merger
+
+
+@torch.no_grad()
+def _accuracy(model, task, source, labels, device) -> float:
+    correct = total = 0
+    for x, y in iter_task_batches(source, labels, task=task):
+        if y is None:
+            raise ValueError(f"task {task!r} has no labels: pass (inputs, labels), a labelled loader, or y")
+        x = x.to(device)
+        if not x.is_floating_point():
+            x = x.float()
+        if not torch.isfinite(x).all():
+            raise ValueError(f"X[{task!r}] contains NaN or infinite values")
+        pred = model(x.to(next(model.parameters()).dtype), task).argmax(-1).cpu()
+        y = torch.as_tensor(np.asarray(y)).long()
+        if len(y) != len(pred):
+            raise ValueError(f"task {task!r}: {len(y)} labels for {len(pred)} inputs")
+        correct += int((pred == y).sum())
+        total += len(y)
+    if total == 0:
+        raise ValueError(f"X[{task!r}] is empty: nothing to score")
+    return correct / total

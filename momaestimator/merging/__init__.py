@@ -1,0 +1,38 @@
+"""Pure-torch merging core (never imports scikit-learn).
+
+Base merges on state dicts (:func:`task_arithmetic`, :func:`ties_merging`,
+:func:`weight_averaging`, :func:`task_vector`, :func:`multitask_vector`), MOMA's pieces
+(:class:`GlobalMask`, :class:`Rotations`, objectives) and the fitting loop (:func:`fit_moma`).
+"""
+
+from .fit import FitConfig, FitResult, fit_moma, moma_logits, teacher_targets
+from .functional import absorb_heads, clone_with_state, first_linear_weight, structure_copy
+from .mask import GlobalMask, masked_merge
+from .objectives import entropy, feature_alignment, kl_to_teacher
+from .rotation import Rotations, rotation_angles
+from .task_arithmetic import multitask_vector, task_arithmetic, ties_merging, weight_averaging
+from .task_vectors import task_vector
+
+__all__ = [
+    "FitConfig",
+    "FitResult",
+    "GlobalMask",
+    "Rotations",
+    "absorb_heads",
+    "clone_with_state",
+    "entropy",
+    "feature_alignment",
+    "first_linear_weight",
+    "fit_moma",
+    "kl_to_teacher",
+    "masked_merge",
+    "moma_logits",
+    "multitask_vector",
+    "rotation_angles",
+    "structure_copy",
+    "task_arithmetic",
+    "task_vector",
+    "teacher_targets",
+    "ties_merging",
+    "weight_averaging",
+]

@@ -1,0 +1,280 @@
+"""The MOMA fitting loop: learn the global mask and the per-task rotations jointly (pure torch).
+
+``fit_moma`` is the template the estimator calls; its pieces are small functions so a reader
+finds each concept in one place: teacher targets (:func:`teacher_targets`), the masked
+merged forward (:func:`moma_logits`), one optimisation step (:func:`train_step`) and the
+held-out unlabeled loss used for early stopping (:func:`validation_loss`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import functional_call
+
+from .functional import encode
+from .mask import GlobalMask, masked_merge
+from .objectives import OBJECTIVES
+from .rotation import Rotations
+
+__all__ = ["FitConfig", "FitResult", "fit_moma", "moma_logits", "teacher_targets"]
+
+
+@dataclass
+class FitConfig:
+    """Settings of one MOMA fit (see :class:`momaestimator.MOMAMerger` for their meaning)."""
+
+    sparsity: float = 0.1
+    scaling: float = 0.3
+    use_mask: bool = True
+    use_rotations: bool = True
+    objective: str = "kl"
+    n_steps: int = 100
+    lr: float = 0.05
+    rotation_lr: float = 1e-3
+    batch_size: int = 16
+    eval_every: int = 10
+    rotation_map: str = "exp"
+    autocast_dtype: torch.dtype | None = None
+    verbose: int = 0
+
+
+@dataclass
+class FitResult:
+    """What a fit learned: binary mask, rotation matrices and the loss history."""
+
+    mask: dict
+    rotations: dict
+    history: list = field(default_factory=list)
+    n_iter: int = 0
+    best_step: int = 0
+    interrupted: bool = False
+
+
+@dataclass
+class HeadSpec:
+    """A frozen head run functionally: structure copy + detached tensors."""
+
+    skeleton: torch.nn.Module
+    state: dict
+
+
+def _head_logits(head: HeadSpec, features: torch.Tensor) -> torch.Tensor:
+    return functional_call(head.skeleton, head.state, (features,), strict=False, tie_weights=False)
+
+
+@torch.no_grad()
+def teacher_targets(skeleton, state, head: HeadSpec, x, *, batch_size=256, autocast_dtype=None):
+    """Logits and features of one fine-tuned expert (its encoder + its own head) on ``x``.
+
+    Called once per task and fit; afterwards the expert's weights are no longer needed.
+    """
+    logits, feats = [], []
+    for i in range(0, len(x), batch_size):
+        with _autocast(x, autocast_dtype):
+            z = encode(skeleton, state, x[i : i + batch_size])
+        z = z.to(work_dtype(z))
+        feats.append(z)
+        logits.append(_head_logits(head, z).to(z.dtype))
+    return torch.cat(logits), torch.cat(feats)
+
+
+def work_dtype(tensor) -> torch.dtype:
+    """Features, rotations and losses run in float64 for float64 models, else float32."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _autocast(x, dtype):
+    if dtype is None:
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return torch.autocast(device_type=x.device.type, dtype=dtype)
+
+
+def moma_logits(skeleton, theta, head: HeadSpec, q, x, *, autocast_dtype=None):
+    """Fit-time forward of one task: ``head(Q · f_θ(x))``; returns ``(logits, rotated features)``.
+
+    ``theta`` is a full state dict (merged weights); ``q`` a rotation matrix or ``None``.
+    """
+    with _autocast(x, autocast_dtype):
+        z = encode(skeleton, theta, x)
+    z = z.to(work_dtype(z))
+    if q is not None:
+        z = z @ q.T
+    return _head_logits(head, z), z
+
+
+def merged_state(theta0, tau, keep, scaling):
+    """The full merged state dict for a fixed boolean mask (``None``: keep all)."""
+    return {
+        k: masked_merge(v, tau[k], None if keep is None else keep[k], scaling) if k in tau else v
+        for k, v in theta0.items()
+    }
+
+
+def _current_theta(theta0, tau, mask: GlobalMask | None, scaling, fixed):
+    if mask is None:
+        return fixed
+    merged = mask.merge(theta0, tau, scaling)
+    return {k: merged.get(k, v) for k, v in theta0.items()}
+
+
+def train_step(ctx, batches, step):
+    """One optimisation step over a batch of every task; returns (total loss, {task: loss})."""
+    theta = _current_theta(ctx.theta0, ctx.tau, ctx.mask, ctx.cfg.scaling, ctx.fixed_theta)
+    xs = torch.cat([ctx.x_train[t][idx] for t, idx in batches.items()])
+    with _autocast(xs, ctx.cfg.autocast_dtype):
+        z_all = encode(ctx.skeleton, theta, xs)
+    z_all = z_all.to(ctx.dtype)
+    losses, offset = {}, 0
+    for i, (task, idx) in enumerate(batches.items()):
+        z = z_all[offset : offset + len(idx)]
+        offset += len(idx)
+        if ctx.rotations is not None:
+            z = z @ ctx.rotations.matrix(i).T
+        logits = _head_logits(ctx.heads[task], z)
+        t_logits, t_feats = ctx.targets_train[task]
+        losses[task] = ctx.loss_fn(logits, t_logits[idx], z, t_feats[idx])
+    total = sum(losses.values())
+    if not torch.isfinite(total):
+        bad = [t for t, v in losses.items() if not torch.isfinite(v)]
+        raise FloatingPointError(
+            f"non-finite loss at step {step} (tasks {bad}); lower `lr`/`rotation_lr` or check the inputs"
+        )
+    ctx.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    ctx.optimizer.step()
+    return float(total.detach()), {t: float(v.detach()) for t, v in losses.items()}
+
+
+@torch.no_grad()
+def validation_loss(ctx) -> float:
+    """Objective on the held-out unlabeled samples (no labels), summed over tasks."""
+    if not ctx.x_val:
+        return math.nan
+    theta = _current_theta(ctx.theta0, ctx.tau, ctx.mask, ctx.cfg.scaling, ctx.fixed_theta)
+    total = 0.0
+    for i, task in enumerate(ctx.tasks):
+        x = ctx.x_val[task]
+        q = ctx.rotations.matrix(i) if ctx.rotations is not None else None
+        logits, z = moma_logits(ctx.skeleton, theta, ctx.heads[task], q, x, autocast_dtype=ctx.cfg.autocast_dtype)
+        t_logits, t_feats = ctx.targets_val[task]
+        total += float(ctx.loss_fn(logits, t_logits, z, t_feats))
+    return total
+
+
+class _Context:
+    """Everything one fit needs, gathered so the step functions stay short."""
+
+
+def fit_moma(
+    skeleton,
+    theta0,
+    tau,
+    heads,
+    x_train,
+    targets_train,
+    x_val,
+    targets_val,
+    cfg: FitConfig,
+    *,
+    generator: torch.Generator,
+    progress=None,
+) -> FitResult:
+    """Learn the mask scores and rotations; return the binary mask and rotation matrices.
+
+    Parameters
+    ----------
+    skeleton : torch.nn.Module
+        Structure copy of the encoder (see :func:`.functional.structure_copy`).
+    theta0, tau : dict of str to torch.Tensor
+        Pretrained state dict and multi-task vector ``τ_MT`` (float entries), on the fit device.
+    heads : dict of str to HeadSpec
+        Frozen heads, in task order.
+    x_train, x_val : dict of str to torch.Tensor
+        Unlabeled fit inputs per task; ``x_val`` (may be empty) is used only for early stopping.
+    targets_train, targets_val : dict of str to (logits, features)
+        The experts' outputs on those inputs (:func:`teacher_targets`).
+    cfg : FitConfig
+    generator : torch.Generator
+        Source of all randomness (batch sampling, tie-breaking).
+    progress : callable, optional
+        Wraps the step iterator (e.g. ``tqdm``).
+    """
+    ctx = _Context()
+    ctx.cfg, ctx.skeleton, ctx.theta0, ctx.tau, ctx.heads = cfg, skeleton, theta0, tau, heads
+    ctx.tasks = list(heads)
+    ctx.x_train, ctx.targets_train, ctx.x_val, ctx.targets_val = x_train, targets_train, x_val, targets_val
+    ctx.loss_fn = OBJECTIVES[cfg.objective][0]
+    device = next(iter(theta0.values())).device
+    _, feats = next(iter(targets_train.values()))
+    dim, ctx.dtype = feats.shape[1], feats.dtype
+
+    ctx.mask = GlobalMask(tau, cfg.sparsity, generator=generator).to(device) if cfg.use_mask else None
+    ctx.rotations = (
+        Rotations(len(ctx.tasks), dim, method=cfg.rotation_map, device=device, dtype=ctx.dtype)
+        if cfg.use_rotations
+        else None
+    )
+    ctx.fixed_theta = None if ctx.mask is not None else merged_state(theta0, tau, None, cfg.scaling)
+    groups = []
+    if ctx.mask is not None:
+        groups.append({"params": [ctx.mask.scores], "lr": cfg.lr})
+    if ctx.rotations is not None:
+        groups.append({"params": list(ctx.rotations.parameters()), "lr": cfg.rotation_lr})
+    ctx.optimizer = torch.optim.Adam(groups) if groups else None
+
+    def snapshot():
+        return (
+            ctx.mask.scores.detach().clone() if ctx.mask is not None else None,
+            [g.detach().clone() for g in ctx.rotations.parameters()] if ctx.rotations is not None else None,
+        )
+
+    history = []
+    best_loss, best_state, best_step = validation_loss(ctx), snapshot(), 0
+    n_iter, interrupted = 0, False
+    steps = range(1, cfg.n_steps + 1) if ctx.optimizer is not None else range(0)
+    if progress is not None:
+        steps = progress(steps)
+    start = time.perf_counter()
+    try:
+        for step in steps:
+            batches = {
+                t: torch.randint(len(x_train[t]), (min(cfg.batch_size, len(x_train[t])),), generator=generator)
+                for t in ctx.tasks
+            }
+            batches = {t: idx.to(device) for t, idx in batches.items()}
+            loss, per_task = train_step(ctx, batches, step)
+            n_iter = step
+            record = {"step": step, "loss": loss, "per_task_loss": per_task, "seconds": time.perf_counter() - start}
+            if ctx.x_val and (step % cfg.eval_every == 0 or step == cfg.n_steps):
+                val = validation_loss(ctx)
+                record["valid_loss"] = val
+                if val < best_loss:
+                    best_loss, best_state, best_step = val, snapshot(), step
+            history.append(record)
+    except KeyboardInterrupt:
+        interrupted = True
+        if not history:
+            raise
+    if not ctx.x_val:
+        best_state, best_step = snapshot(), n_iter
+
+    scores, gens = best_state
+    with torch.no_grad():
+        if ctx.mask is not None:
+            ctx.mask.scores.copy_(scores)
+            mask = {k: v.cpu() for k, v in ctx.mask.binary().items()}
+        else:
+            mask = {k: torch.ones(v.shape, dtype=torch.bool) for k, v in tau.items()}
+        if ctx.rotations is not None:
+            for g, s in zip(ctx.rotations.parameters(), gens):
+                g.copy_(s)
+            rotations = {t: ctx.rotations.matrix(i).detach().cpu() for i, t in enumerate(ctx.tasks)}
+        else:
+            rotations = {t: torch.eye(dim, dtype=ctx.dtype) for t in ctx.tasks}
+    return FitResult(
+        mask=mask, rotations=rotations, history=history, n_iter=n_iter, best_step=best_step, interrupted=interrupted
+    )

@@ -1,0 +1,127 @@
+"""Running a user's module on other weights without touching it.
+
+The estimator never mutates a user's modules. It runs them through
+:func:`torch.func.functional_call` on a *structure copy*: a deep copy whose parameters and
+persistent buffers are placeholders on the ``meta`` device (no memory), switched to eval mode.
+The same trick builds the absorbed model: a deep copy whose parameters are the merged tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["absorb_heads", "clone_with_state", "encode", "first_linear_weight", "structure_copy"]
+
+
+def _persistent_tensors(module: nn.Module):
+    """``(qualified_name, owner_module, attr, tensor, is_param)`` for every state-dict tensor."""
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        prefix = f"{mod_name}." if mod_name else ""
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                yield prefix + attr, p, True
+        for attr, b in mod._buffers.items():
+            if b is not None and attr not in mod._non_persistent_buffers_set:
+                yield prefix + attr, b, False
+
+
+def _copy_with(module: nn.Module, replace) -> nn.Module:
+    memo = {}
+    for name, tensor, is_param in _persistent_tensors(module):
+        if id(tensor) in memo:
+            continue
+        new = replace(name, tensor)
+        memo[id(tensor)] = nn.Parameter(new, requires_grad=tensor.requires_grad) if is_param else new
+    return copy.deepcopy(module, memo)
+
+
+def structure_copy(module: nn.Module, device=None) -> nn.Module:
+    """A weightless copy of ``module`` in eval mode, for :func:`torch.func.functional_call`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> s = structure_copy(torch.nn.Linear(2, 3))
+    >>> s.weight.device.type, s.training
+    ('meta', False)
+    """
+    skeleton = _copy_with(module, lambda name, t: torch.empty_like(t, device="meta"))
+    skeleton.eval()
+    if device is not None:
+        for mod in skeleton.modules():
+            for attr in mod._non_persistent_buffers_set:
+                if mod._buffers.get(attr) is not None:
+                    mod._buffers[attr] = mod._buffers[attr].to(device)
+    return skeleton
+
+
+def clone_with_state(module: nn.Module, state: dict) -> nn.Module:
+    """A real copy of ``module`` (same class) whose state-dict tensors are taken from ``state``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> lin = torch.nn.Linear(1, 1)
+    >>> new = clone_with_state(lin, {"weight": torch.ones(1, 1), "bias": torch.zeros(1)})
+    >>> float(new(torch.ones(1, 1))), new is lin
+    (1.0, False)
+    """
+    return _copy_with(module, lambda name, t: state[name].detach().clone())
+
+
+def encode(skeleton: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
+    """``skeleton`` evaluated with the tensors of ``state`` on input ``x``."""
+    return functional_call(skeleton, state, (x,), strict=False, tie_weights=False)
+
+
+def first_linear_weight(head: nn.Module, *, name: str = "head") -> str:
+    """State-dict name of the weight of the linear map a head applies first.
+
+    A head is an ``nn.Linear`` (or subclass), any module exposing a 2-D ``weight`` (such as
+    :class:`momaestimator.LinearHead` or the task_vectors release's ``ClassificationHead``, which
+    may L2-normalise their input first), or an ``nn.Sequential`` whose first layer is one of these.
+
+    Examples
+    --------
+    >>> import torch
+    >>> first_linear_weight(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()))
+    '0.weight'
+    """
+    if isinstance(head, nn.Sequential):
+        if len(head) == 0:
+            raise TypeError(f"{name} is an empty nn.Sequential; its first operation must be linear")
+        return "0." + first_linear_weight(head[0], name=name)
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        return "weight"
+    raise TypeError(
+        f"{name} ({type(head).__name__}) is not a supported head: expected nn.Linear, a module with a 2-D "
+        "`weight` (e.g. LinearHead), or an nn.Sequential starting with one"
+    )
+
+
+def absorb_heads(heads: dict, rotations: dict) -> dict[str, nn.Module]:
+    """New heads with ``W ← W · Q_t`` in their first linear map (exact for normalising heads too).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from momaestimator import LinearHead
+    >>> q = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
+    >>> new = absorb_heads({"a": LinearHead(torch.eye(2))}, {"a": q})["a"]
+    >>> torch.equal(new.weight, q)
+    True
+    """
+    out = {}
+    for task, head in heads.items():
+        wname = first_linear_weight(head, name=f"heads[{task!r}]")
+        state = {k: v.detach() for k, v in head.state_dict(keep_vars=True).items()}
+        w = state[wname]
+        q = rotations[task].to(device=w.device, dtype=w.dtype)
+        state[wname] = w @ q
+        out[task] = clone_with_state(head, state)
+    return out

@@ -1,0 +1,58 @@
+"""Fitting objectives: what the merged model is pulled towards on unlabeled data."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+__all__ = ["OBJECTIVES", "entropy", "feature_alignment", "kl_to_teacher"]
+
+
+def kl_to_teacher(student_logits, teacher_logits, student_features=None, teacher_features=None):
+    """``mean_x KL(softmax(teacher) ‖ softmax(student))`` — MOMA's default, no labels, no temperature.
+
+    Examples
+    --------
+    >>> import torch
+    >>> logits = torch.tensor([[1.0, 2.0]])
+    >>> float(kl_to_teacher(logits, logits))
+    0.0
+    """
+    t = F.log_softmax(teacher_logits, dim=-1)
+    s = F.log_softmax(student_logits, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def entropy(student_logits, teacher_logits=None, student_features=None, teacher_features=None):
+    """Mean prediction entropy (AdaMerging's objective; needs no teacher).
+
+    Examples
+    --------
+    >>> import torch
+    >>> round(float(entropy(torch.zeros(1, 2))), 4)
+    0.6931
+    """
+    logp = F.log_softmax(student_logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def feature_alignment(student_logits, teacher_logits, student_features, teacher_features):
+    """Mean squared distance between L2-normalised (rotated) merged and fine-tuned features.
+
+    Examples
+    --------
+    >>> import torch
+    >>> z = torch.tensor([[3.0, 4.0]])
+    >>> float(feature_alignment(None, None, z, 2 * z))
+    0.0
+    """
+    s = F.normalize(student_features, dim=-1)
+    t = F.normalize(teacher_features, dim=-1)
+    return ((s - t) ** 2).sum(-1).mean()
+
+
+#: name → (loss function, whether it needs the teacher's features, whether it needs teacher logits)
+OBJECTIVES = {
+    "kl": (kl_to_teacher, False, True),
+    "entropy": (entropy, False, False),
+    "feature": (feature_alignment, True, False),
+}

@@ -1,0 +1,238 @@
+"""Task Arithmetic, TIES-Merging and weight averaging on state dicts (pure torch).
+
+Each function returns a new state dict and never modifies its inputs. Task vectors are
+formed one tensor at a time, so memory is a few copies of one model whatever the number
+of tasks (the one exception: TIES needs one task's flattened vector at a time to find its
+global top-k threshold).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .task_vectors import as_state_dict, as_task_dict, check_same_keys, is_mergeable
+
+__all__ = [
+    "multitask_vector",
+    "task_arithmetic",
+    "ties_merging",
+    "ties_thresholds",
+    "weight_averaging",
+]
+
+
+def _prepare(pretrained, finetuned):
+    pre = as_state_dict(pretrained, name="pretrained")
+    fts = {t: as_state_dict(m, name=f"finetuned[{t!r}]") for t, m in as_task_dict(finetuned).items()}
+    check_same_keys(pre, fts)
+    return pre, fts
+
+
+def _apply(pre: dict, vector: dict, scaling: float) -> dict[str, torch.Tensor]:
+    """``θ_0 + λ·τ`` for float entries; other entries are copied from ``θ_0``."""
+    return {k: (v + scaling * vector[k]) if k in vector else v.clone() for k, v in pre.items()}
+
+
+def multitask_vector(pretrained, finetuned, *, base="task_arithmetic", top_k=0.2, merge="sum"):
+    """Build the (unscaled) multi-task vector ``τ_MT`` that a base merge adds to ``θ_0``.
+
+    Parameters
+    ----------
+    pretrained : torch.nn.Module or dict of str to torch.Tensor
+        The pretrained model ``θ_0``.
+    finetuned : dict of str to (torch.nn.Module or dict) or list
+        The fine-tuned models, one per task.
+    base : {"task_arithmetic", "ties"}, default="task_arithmetic"
+        ``Σ_t τ_t`` or the TIES-merged vector.
+    top_k : float, default=0.2
+        TIES only: fraction of each task vector's entries kept (by magnitude).
+    merge : {"sum", "mean", "max"}, default="sum"
+        TIES only: how the sign-agreeing entries are combined.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        ``τ_MT``, one tensor per floating-point entry.
+
+    Examples
+    --------
+    >>> import torch
+    >>> pre = {"w": torch.zeros(2)}
+    >>> multitask_vector(pre, [{"w": torch.tensor([1.0, -1.0])}, {"w": torch.tensor([1.0, 3.0])}])
+    {'w': tensor([2., 2.])}
+    """
+    pre, fts = _prepare(pretrained, finetuned)
+    if base == "task_arithmetic":
+        out = {}
+        for k, v in pre.items():
+            if is_mergeable(v):
+                acc = torch.zeros_like(v)
+                for ft in fts.values():
+                    acc += ft[k] - v
+                out[k] = acc
+        return out
+    if base == "ties":
+        return _ties_vector(pre, fts, top_k=top_k, merge=merge)
+    raise ValueError(f"unknown base {base!r}; expected 'task_arithmetic' or 'ties'")
+
+
+def task_arithmetic(pretrained, finetuned, scaling=0.3):
+    """Task Arithmetic: ``θ_0 + λ Σ_t (θ_t − θ_0)``.
+
+    Parameters
+    ----------
+    pretrained : torch.nn.Module or dict of str to torch.Tensor
+        The pretrained model ``θ_0``.
+    finetuned : dict of str to (torch.nn.Module or dict) or list
+        The fine-tuned models.
+    scaling : float, default=0.3
+        λ, the field's default for the 8-task CLIP suite.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        A new state dict.
+
+    Examples
+    --------
+    >>> import torch
+    >>> task_arithmetic({"w": torch.zeros(1)}, [{"w": torch.ones(1)}, {"w": torch.ones(1)}], scaling=0.5)
+    {'w': tensor([1.])}
+    """
+    pre, _ = _prepare(pretrained, finetuned)
+    return _apply(pre, multitask_vector(pretrained, finetuned, base="task_arithmetic"), scaling)
+
+
+def weight_averaging(finetuned, pretrained=None):
+    """Simple weight averaging of the fine-tuned models (model soup).
+
+    Parameters
+    ----------
+    finetuned : dict of str to (torch.nn.Module or dict) or list
+        The fine-tuned models.
+    pretrained : torch.nn.Module or dict, optional
+        Where non-float entries come from; the first fine-tuned model when omitted.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+
+    Examples
+    --------
+    >>> import torch
+    >>> weight_averaging([{"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}])
+    {'w': tensor([2.])}
+    """
+    fts = {t: as_state_dict(m, name=f"finetuned[{t!r}]") for t, m in as_task_dict(finetuned).items()}
+    first = next(iter(fts.values()))
+    ref = as_state_dict(pretrained, name="pretrained") if pretrained is not None else first
+    check_same_keys(ref, fts)
+    out = {}
+    for k, v in ref.items():
+        if is_mergeable(v):
+            acc = torch.zeros_like(v)
+            for ft in fts.values():
+                acc += ft[k]
+            out[k] = acc / len(fts)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def ties_merging(pretrained, finetuned, scaling=0.3, top_k=0.2, merge="sum"):
+    """TIES-Merging: trim, elect sign, disjoint merge (Yadav et al., 2023).
+
+    Per task, entries below the task vector's global top-``top_k`` magnitude are zeroed
+    (threshold over the whole model, as in the reference code); the sign of each entry is
+    elected by the summed trimmed mass (entries with zero mass take the sign of the total);
+    entries that agree with the elected sign are combined by ``merge``.
+
+    The threshold is the reference implementation's: the ``(P − ⌊P·top_k⌋)``-th smallest
+    magnitude (``torch.kthvalue``), keeping every entry ``>=`` it, so ``⌊P·top_k⌋ + 1`` entries
+    are kept when magnitudes are distinct (one boundary entry more than ``top_k``), and all
+    ties of the boundary value. FusionBench does the same.
+
+    Parameters
+    ----------
+    pretrained : torch.nn.Module or dict of str to torch.Tensor
+        The pretrained model.
+    finetuned : dict of str to (torch.nn.Module or dict) or list
+        The fine-tuned models.
+    scaling : float, default=0.3
+        λ applied to the merged vector.
+    top_k : float, default=0.2
+        Fraction of each task vector kept, in (0, 1].
+    merge : {"sum", "mean", "max"}, default="sum"
+        How agreeing entries are combined.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+
+    Examples
+    --------
+    >>> import torch
+    >>> pre = {"w": torch.zeros(3)}
+    >>> fts = [{"w": torch.tensor([1.0, -2.0, 0.1])}, {"w": torch.tensor([1.0, 1.0, 0.1])}]
+    >>> ties_merging(pre, fts, scaling=1.0, top_k=0.5, merge="sum")
+    {'w': tensor([ 2., -2.,  0.])}
+    """
+    pre, fts = _prepare(pretrained, finetuned)
+    return _apply(pre, _ties_vector(pre, fts, top_k=top_k, merge=merge), scaling)
+
+
+def ties_thresholds(pre: dict, fts: dict, top_k: float) -> dict[str, torch.Tensor]:
+    """Per task, the magnitude threshold of TIES' global top-k trimming (one flattened task at a time)."""
+    if not 0.0 < top_k <= 1.0:
+        raise ValueError(f"top_k must be in (0, 1], got {top_k!r}")
+    keys = [k for k, v in pre.items() if is_mergeable(v)]
+    out = {}
+    for task, ft in fts.items():
+        flat = torch.cat([(ft[k] - pre[k]).abs().flatten() for k in keys])
+        n = flat.numel()
+        kth = n - int(n * top_k)
+        out[task] = flat.kthvalue(max(kth, 1)).values
+        del flat
+    return out
+
+
+def _ties_vector(pre: dict, fts: dict, *, top_k: float, merge: str) -> dict[str, torch.Tensor]:
+    if merge not in ("sum", "mean", "max"):
+        raise ValueError(f"unknown merge {merge!r}; expected 'sum', 'mean' or 'max'")
+    thresholds = ties_thresholds(pre, fts, top_k)
+    keys = [k for k, v in pre.items() if is_mergeable(v)]
+
+    def trimmed(task, k):
+        tv = fts[task][k] - pre[k]
+        return tv * (tv.abs() >= thresholds[task])
+
+    # Elect signs from the summed trimmed mass; zeros take the sign of the grand total.
+    signs, total = {}, 0.0
+    for k in keys:
+        mass = torch.zeros_like(pre[k])
+        for task in fts:
+            mass += trimmed(task, k)
+        signs[k] = torch.sign(mass)
+        total += float(signs[k].sum())
+    majority = float((total > 0) - (total < 0))  # torch.sign of the total, as the reference code
+    out = {}
+    for k in keys:
+        sign = signs[k]
+        sign[sign == 0] = majority
+        acc = torch.zeros_like(pre[k])
+        count = torch.zeros_like(pre[k])
+        for task in fts:
+            tv = trimmed(task, k)
+            agree = torch.where(sign > 0, tv > 0, tv < 0)
+            sel = tv * agree
+            if merge == "max":
+                acc = torch.maximum(acc, sel.abs())
+            else:
+                acc += sel
+                count += (sel != 0).to(acc.dtype)
+        if merge == "mean":
+            acc = acc / count.clamp(min=1)
+        elif merge == "max":
+            acc = acc * sign
+        out[k] = acc
+    return out

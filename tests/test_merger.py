@@ -1,0 +1,239 @@
+"""MOMAMerger: absorption is exact, adds nothing, leaves the user's modules alone, and learns."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import fingerprint_all
+from sklearn.base import clone
+from torch import nn
+
+from momaestimator import LinearHead, MergedModel, MOMAMerger, toy
+from momaestimator.merging.fit import HeadSpec, merged_state, moma_logits
+from momaestimator.merging.functional import structure_copy
+from momaestimator.merging.task_arithmetic import multitask_vector
+
+
+def fit_time_logits(merger, x, task):
+    """The fit-time forward (masked merge, rotation, original head), recomputed from the fitted state."""
+    pre = merger.pretrained_encoder
+    theta0 = {k: v.detach() for k, v in pre.state_dict().items()}
+    tau = multitask_vector(pre, merger.finetuned_encoders, base=merger.base, top_k=merger.top_k)
+    theta = merged_state(theta0, tau, merger.mask_, merger.scaling)
+    head = merger.heads[task]
+    spec = HeadSpec(structure_copy(head), {k: v.detach() for k, v in head.state_dict().items()})
+    logits, _ = moma_logits(structure_copy(pre), theta, spec, merger.rotations_[task], x)
+    return logits
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_absorption_is_exact_in_float64(normalize):
+    pre, experts, heads, data = toy.make_problem(n_tasks=2, normalize=normalize, random_state=1)
+    pre, experts = pre.double(), {t: m.double() for t, m in experts.items()}
+    heads = {t: h.double() for t, h in heads.items()}
+    X = {t: x.double() for t, (x, _) in data.items()}
+    merger = MOMAMerger(pre, experts, heads, n_steps=15, sparsity=0.2, rotation_lr=0.05, random_state=0).fit(X)
+    assert any(not torch.allclose(q, torch.eye(8, dtype=q.dtype)) for q in merger.rotations_.values())
+    model = merger.transform()
+    for t, x in X.items():
+        with torch.no_grad():
+            absorbed = model(x, t)
+            expected = fit_time_logits(merger, x, t)
+        assert absorbed.dtype == torch.float64
+        assert torch.allclose(absorbed, expected, atol=1e-9, rtol=0), (absorbed - expected).abs().max()
+
+
+@pytest.mark.parametrize(
+    "make_head",
+    [
+        lambda w: LinearHead(w, normalize=True),
+        lambda w: LinearHead(w, normalize=False),
+        lambda w: nn.Linear(w.shape[1], w.shape[0]),
+        lambda w: nn.Sequential(nn.Linear(w.shape[1], 5), nn.ReLU(), nn.Linear(5, w.shape[0])),
+    ],
+    ids=["normalizing", "linear-head", "nn.Linear", "sequential"],
+)
+def test_absorption_matches_fit_time_forward_in_float32(problem, unlabeled, make_head):
+    pre, experts, heads, _ = problem
+    torch.manual_seed(0)
+    heads = {t: make_head(h.weight.detach()) for t, h in heads.items()}
+    merger = MOMAMerger(pre, experts, heads, n_steps=10, rotation_lr=0.05, random_state=0).fit(unlabeled)
+    model = merger.transform()
+    for t, x in unlabeled.items():
+        with torch.no_grad():
+            absorbed, expected = model(x, t), fit_time_logits(merger, x, t)
+        scale = expected.abs().max()
+        assert ((absorbed - expected).abs().max() / scale) < 1e-5
+
+
+def test_zero_additional_parameters_and_identical_shapes(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    model = MOMAMerger(pre, experts, heads, n_steps=3, random_state=0).fit(unlabeled).transform()
+    assert isinstance(model, MergedModel)
+    assert type(model.encoder) is type(pre)
+    assert n_params(model) == n_params(pre) + sum(n_params(h) for h in heads.values())
+    assert {k: v.shape for k, v in model.encoder.state_dict().items()} == {
+        k: v.shape for k, v in pre.state_dict().items()
+    }
+    for t, h in heads.items():
+        assert type(model.heads[t]) is type(h)
+        assert {k: v.shape for k, v in model.heads[t].state_dict().items()} == {
+            k: v.shape for k, v in h.state_dict().items()
+        }
+
+
+@pytest.mark.parametrize("rotation_map", ["exp", "cayley"])
+def test_rotations_are_orthogonal_and_mask_sparsity_is_exact(problem, unlabeled, rotation_map):
+    pre, experts, heads, _ = problem
+    merger = MOMAMerger(
+        pre, experts, heads, n_steps=20, sparsity=0.37, rotation_lr=0.05, rotation_map=rotation_map, random_state=0
+    ).fit(unlabeled)
+    for q in merger.rotations_.values():
+        assert torch.allclose(q @ q.T, torch.eye(q.shape[0]), atol=1e-5)
+        assert torch.linalg.det(q).item() == pytest.approx(1.0, abs=1e-4)  # a rotation, not a reflection
+    n_total = sum(m.numel() for m in merger.mask_.values())
+    n_removed = sum(int((~m).sum()) for m in merger.mask_.values())
+    assert n_removed == round(0.37 * n_total)
+    assert set(merger.mask_) == {k for k, v in pre.state_dict().items() if v.is_floating_point()}
+
+
+def test_user_modules_are_bit_identical_after_fit_transform_score(problem):
+    pre, experts, heads, data = problem
+    before = fingerprint_all(pre, experts, heads)
+    X = {t: x for t, (x, _) in data.items()}
+    merger = MOMAMerger(pre, experts, heads, n_steps=5, random_state=0).fit(X)
+    merger.transform()
+    merger.score(data)
+    assert fingerprint_all(pre, experts, heads) == before
+
+
+def test_user_module_in_train_mode_is_evaluated_in_eval_mode_and_left_in_train_mode():
+    pre, experts, heads, data = toy.make_problem(n_tasks=2, random_state=3)
+    pre = copy.deepcopy(pre).train()
+    X = {t: x for t, (x, _) in data.items()}
+    a = MOMAMerger(pre, experts, heads, n_steps=3, random_state=0).fit(X)
+    assert pre.training
+    assert all(not m.training for m in a.transform().modules())
+
+
+def kl_of(model, experts, heads, X):
+    total = 0.0
+    with torch.no_grad():
+        for t, x in X.items():
+            teacher = torch.log_softmax(heads[t](experts[t](x)), -1)
+            student = torch.log_softmax(model(x, t), -1)
+            total += float((teacher.exp() * (teacher - student)).sum(-1).mean())
+    return total
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"learn_mask": False}, {"learn_rotations": False}, {"base": "ties"}],
+    ids=["both", "rotation-only", "mask-only", "ties-base"],
+)
+def test_fitting_lowers_kl_to_experts_versus_base_merge(problem, unlabeled, kw):
+    pre, experts, heads, _ = problem
+    common = dict(sparsity=0.3, rotation_lr=0.01, validation_fraction=0.0, random_state=0, **kw)
+    base = MOMAMerger(pre, experts, heads, n_steps=0, **{**common, "sparsity": 0.0}).fit(unlabeled)
+    fitted = MOMAMerger(pre, experts, heads, n_steps=60, **common).fit(unlabeled)
+    kl_base = kl_of(base.transform(), experts, heads, unlabeled)
+    kl_fit = kl_of(fitted.transform(), experts, heads, unlabeled)
+    assert kl_fit < 0.9 * kl_base, (kl_base, kl_fit)
+
+
+def test_ablations_are_what_they_say(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    rot_only = MOMAMerger(pre, experts, heads, learn_mask=False, n_steps=10, rotation_lr=0.05, random_state=0)
+    rot_only.fit(unlabeled)
+    assert all(bool(m.all()) for m in rot_only.mask_.values())
+    assert any(not torch.allclose(q, torch.eye(8)) for q in rot_only.rotations_.values())
+    mask_only = MOMAMerger(pre, experts, heads, learn_rotations=False, sparsity=0.2, n_steps=10, random_state=0)
+    mask_only.fit(unlabeled)
+    assert all(torch.equal(q, torch.eye(8)) for q in mask_only.rotations_.values())
+    assert sum(int((~m).sum()) for m in mask_only.mask_.values()) > 0
+
+
+def test_same_random_state_gives_identical_results_and_refit_overwrites(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    a = MOMAMerger(pre, experts, heads, n_steps=8, sparsity=0.2, random_state=7).fit(unlabeled)
+    b = MOMAMerger(pre, experts, heads, n_steps=8, sparsity=0.2, random_state=7).fit(unlabeled)
+    assert all(torch.equal(a.mask_[k], b.mask_[k]) for k in a.mask_)
+    assert all(torch.equal(a.rotations_[t], b.rotations_[t]) for t in a.rotations_)
+    a.set_params(n_steps=2, sparsity=0.5)
+    a.fit(unlabeled)
+    assert a.n_iter_ == 2 and len(a.history_) == 2
+    n_total = sum(m.numel() for m in a.mask_.values())
+    assert sum(int((~m).sum()) for m in a.mask_.values()) == round(0.5 * n_total)
+
+
+def test_fit_accepts_loaders_datasets_arrays_and_ignores_labels(problem):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    pre, experts, heads, data = problem
+    names = list(data)
+    X = {
+        names[0]: DataLoader(TensorDataset(*data[names[0]]), batch_size=5),
+        names[1]: TensorDataset(*data[names[1]]),
+        names[2]: data[names[2]][0].numpy(),
+    }
+    X_plain = {t: x for t, (x, _) in data.items()}
+    kw = dict(n_steps=5, sparsity=0.2, random_state=3)
+    a = MOMAMerger(pre, experts, heads, **kw).fit(X)
+    b = MOMAMerger(pre, experts, heads, **kw).fit(X_plain)
+    assert all(torch.equal(a.mask_[k], b.mask_[k]) for k in a.mask_)
+    assert all(torch.equal(a.rotations_[t], b.rotations_[t]) for t in a.rotations_)
+
+
+def test_score_is_mean_of_per_task_accuracy(problem, unlabeled):
+    pre, experts, heads, data = problem
+    merger = MOMAMerger(pre, experts, heads, n_steps=3, random_state=0).fit(unlabeled)
+    per_task = merger.score_per_task(data)
+    model = merger.transform()
+    for t, (x, y) in data.items():
+        with torch.no_grad():
+            acc = float((model(x, t).argmax(-1) == y).float().mean())
+        assert per_task[t] == pytest.approx(acc)
+    assert merger.score(data) == pytest.approx(np.mean(list(per_task.values())))
+    y = {t: lab for t, (_, lab) in data.items()}
+    assert merger.score(unlabeled, y) == pytest.approx(merger.score(data))
+
+
+def test_lists_name_tasks_by_position(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    merger = MOMAMerger(pre, list(experts.values()), list(heads.values()), n_steps=2, random_state=0)
+    merger.fit(list(unlabeled.values()) and dict(zip(["0", "1", "2"], unlabeled.values())))
+    assert merger.tasks_ == ["0", "1", "2"]
+
+
+def test_clone_shares_modules_and_copies_the_rest(problem):
+    pre, experts, heads, _ = problem
+    merger = MOMAMerger(pre, experts, heads, sparsity=0.3, n_steps=4)
+    c = clone(merger)
+    assert c.pretrained_encoder is pre and c.finetuned_encoders is experts and c.heads is heads
+    assert c.get_params(deep=False).keys() == merger.get_params(deep=False).keys()
+    assert c.sparsity == 0.3 and not hasattr(c, "mask_")
+
+
+def test_get_set_params_round_trip(problem):
+    pre, experts, heads, _ = problem
+    merger = MOMAMerger(pre, experts, heads)
+    params = merger.get_params(deep=False)
+    other = MOMAMerger().set_params(**params)
+    assert other.get_params(deep=False) == params
+
+
+def test_save_load_gives_bit_identical_merged_weights(problem, unlabeled, tmp_path):
+    pre, experts, heads, _ = problem
+    merger = MOMAMerger(pre, experts, heads, n_steps=5, sparsity=0.25, random_state=0).fit(unlabeled)
+    path = tmp_path / "merger.joblib"
+    merger.save(path)
+    loaded = MOMAMerger.load(path, pre, experts, heads)
+    a, b = merger.transform().state_dict(), loaded.transform().state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.sparsity == 0.25 and loaded.tasks_ == merger.tasks_
+    assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())

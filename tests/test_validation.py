@@ -1,0 +1,145 @@
+"""Bad input raises a clear error before any work, and leaves the user's objects untouched."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import fingerprint_all
+from torch import nn
+
+from momaestimator import LinearHead, MOMAMerger, toy
+
+
+@pytest.fixture()
+def models(problem):
+    pre, experts, heads, _ = problem
+    return pre, experts, heads
+
+
+def fit_raises(models, X, exc, match, **kw):
+    pre, experts, heads = models
+    before = fingerprint_all(pre, experts, heads)
+    x_before = {t: v.clone() for t, v in X.items() if isinstance(v, torch.Tensor)}
+    merger = MOMAMerger(pre, experts, heads, **{"n_steps": 2, **kw})
+    with pytest.raises(exc, match=match):
+        merger.fit(X)
+    assert fingerprint_all(pre, experts, heads) == before
+    assert all(X[t].numpy().tobytes() == v.numpy().tobytes() for t, v in x_before.items())
+    assert not hasattr(merger, "mask_")
+
+
+def test_task_keys_differ_between_encoders_and_heads(models, unlabeled):
+    pre, experts, heads = models
+    heads2 = {t: h for t, h in heads.items() if t != "task1"}
+    with pytest.raises(ValueError, match=r"missing: \['task1'\]"):
+        MOMAMerger(pre, experts, heads2).fit(unlabeled)
+
+
+def test_task_keys_differ_between_models_and_data(models, unlabeled):
+    X = {**{t: x for t, x in unlabeled.items() if t != "task2"}, "other": unlabeled["task2"]}
+    fit_raises(models, X, ValueError, r"missing: \['task2'\], extra: \['other'\]")
+
+
+def test_encoders_of_different_shapes(models, unlabeled):
+    pre, experts, heads = models
+    other = toy.make_tower(output_dim=6)
+    with pytest.raises(ValueError, match=r"finetuned_encoders\['task0'\] differs in architecture: entry 'proj'"):
+        MOMAMerger(pre, {**experts, "task0": other}, heads).fit(unlabeled)
+
+
+def test_encoders_of_different_class(models, unlabeled):
+    pre, experts, heads = models
+    with pytest.raises(ValueError, match="share one architecture"):
+        MOMAMerger(pre, {**experts, "task0": nn.Linear(2, 2)}, heads).fit(unlabeled)
+
+
+def test_head_input_dim_differs_from_feature_dim(models, unlabeled):
+    pre, experts, heads = models
+    bad = {**heads, "task1": LinearHead(torch.randn(3, 5))}
+    with pytest.raises(ValueError, match=r"heads\['task1'\] expects 5 input features but the encoder outputs 8"):
+        MOMAMerger(pre, experts, bad).fit(unlabeled)
+
+
+def test_unsupported_head(models, unlabeled):
+    pre, experts, heads = models
+    with pytest.raises(TypeError, match=r"heads\['task0'\] \(ReLU\) is not a supported head"):
+        MOMAMerger(pre, experts, {**heads, "task0": nn.ReLU()}).fit(unlabeled)
+
+
+def test_empty_task_data(models, unlabeled):
+    fit_raises(models, {**unlabeled, "task1": torch.zeros(0, 3, 8, 8)}, ValueError, r"X\['task1'\] is empty")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_inputs(models, unlabeled, bad):
+    x = unlabeled["task0"].clone()
+    x[0, 0, 0, 0] = bad
+    fit_raises(models, {**unlabeled, "task0": x}, ValueError, r"X\['task0'\] contains NaN or infinite")
+
+
+@pytest.mark.parametrize(
+    ("param", "value", "exc", "match"),
+    [
+        ("sparsity", 1.0, ValueError, r"sparsity must be in \[0.0, 1.0\)"),
+        ("sparsity", -0.1, ValueError, "sparsity must be in"),
+        ("sparsity", "0.5", TypeError, "sparsity must be a number"),
+        ("scaling", 0.0, ValueError, "scaling must be in"),
+        ("scaling", float("nan"), ValueError, "scaling must be finite"),
+        ("n_steps", -1, ValueError, "n_steps must be in"),
+        ("n_steps", 2.5, TypeError, "n_steps must be an int"),
+        ("lr", 0, ValueError, "lr must be in"),
+        ("batch_size", 0, ValueError, "batch_size must be in"),
+        ("base", "dare", ValueError, "unknown base 'dare'"),
+        ("objective", "mse", ValueError, "unknown objective 'mse'"),
+        ("device", "tpu", ValueError, "device"),
+        ("precision", "int8", ValueError, "unknown precision"),
+    ],
+)
+def test_out_of_range_parameters(models, unlabeled, param, value, exc, match):
+    fit_raises(models, unlabeled, exc, match, **{param: value})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda(models, unlabeled):
+    fit_raises(models, unlabeled, ValueError, "CUDA is not available", device="cuda")
+
+
+def test_wrong_container_types(models, unlabeled):
+    pre, experts, heads = models
+    with pytest.raises(TypeError, match="finetuned_encoders must be a dict"):
+        MOMAMerger(pre, pre, heads).fit(unlabeled)
+    with pytest.raises(TypeError, match="pretrained_encoder must be a torch.nn.Module"):
+        MOMAMerger("ViT-B-32", experts, heads).fit(unlabeled)
+    with pytest.raises(TypeError, match=r"heads\['task0'\] must be a torch.nn.Module"):
+        MOMAMerger(pre, experts, {**heads, "task0": "head.pt"}).fit(unlabeled)
+    with pytest.raises(TypeError, match="X must be a dict"):
+        MOMAMerger(pre, experts, heads).fit(unlabeled["task0"])
+
+
+def test_non_finite_weights(models, unlabeled):
+    pre, experts, heads = models
+    bad = copy.deepcopy(experts["task2"])
+    with torch.no_grad():
+        bad.proj[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"finetuned_encoders\['task2'\]: entry 'proj' contains NaN"):
+        MOMAMerger(pre, {**experts, "task2": bad}, heads).fit(unlabeled)
+
+
+def test_score_labels_of_wrong_length(problem):
+    pre, experts, heads, data = problem
+    X = {t: x for t, (x, _) in data.items()}
+    merger = MOMAMerger(pre, experts, heads, n_steps=1, random_state=0).fit(X)
+    y = {t: lab for t, (_, lab) in data.items()}
+    y["task1"] = y["task1"][:-3]
+    with pytest.raises(ValueError, match="task 'task1': 21 labels for 24 inputs"):
+        merger.score(X, y)
+    with pytest.raises(ValueError, match="has no labels"):
+        merger.score(X)
+
+
+def test_score_before_fit_raises_not_fitted(models, problem):
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        MOMAMerger(*models).score(problem[3])
