@@ -53,10 +53,10 @@ def count_parameters(encoder: nn.Module, heads) -> int:
     return sum(p.numel() for p in encoder.parameters()) + sum(p.numel() for h in heads for p in h.parameters())
 
 
-def _task_data(n_classes, n_samples, image_size, generator):
+def _task_data(n_classes, n_samples, image_size, noise, generator):
     protos = torch.randn(n_classes, 3, image_size, image_size, generator=generator)
     y = torch.arange(n_samples) % n_classes
-    x = protos[y] + 0.8 * torch.randn(n_samples, 3, image_size, image_size, generator=generator)
+    x = protos[y] + noise * torch.randn(n_samples, 3, image_size, image_size, generator=generator)
     return x, y
 
 
@@ -68,6 +68,7 @@ def make_problem(
     image_size=8,
     output_dim=8,
     finetune_steps=15,
+    noise=0.8,
     normalize=True,
     random_state=0,
 ):
@@ -86,6 +87,8 @@ def make_problem(
     output_dim : int, default=8
         Feature dimension.
     finetune_steps : int, default=15
+    noise : float, default=0.8
+        Standard deviation of the pixel noise around each class prototype (higher: harder tasks).
     normalize : bool, default=True
         Whether heads L2-normalise features (CLIP-style) or are plain linear maps.
     random_state : int, default=0
@@ -109,7 +112,7 @@ def make_problem(
     experts, heads, data = {}, {}, {}
     for t in range(n_tasks):
         name = f"task{t}"
-        x, y = _task_data(n_classes, n_samples, image_size, gen)
+        x, y = _task_data(n_classes, n_samples, image_size, noise, gen)
         with torch.no_grad():
             feats = pre(x)
             if normalize:

@@ -1,0 +1,160 @@
+"""The estimator protocol every merging method of the benchmark shares.
+
+A merger is a scikit-learn estimator built from ``(pretrained_encoder, finetuned_encoders, heads)``
+with ``fit(X)`` on unlabeled per-task inputs, ``transform()`` returning a module with
+``forward(x, task)``, ``score``/``score_per_task`` on labelled data, and ``extra_params_``: the
+parameters its model needs at inference beyond one encoder plus the original heads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, clone
+from sklearn.utils.validation import check_is_fitted
+
+from .. import _validation as V
+from ..data import iter_task_batches, materialize_inputs, split_inputs_and_labels
+from ..merging.fit import HeadSpec, teacher_targets
+from ..merging.functional import structure_copy
+from ..merging.task_vectors import as_state_dict
+
+__all__ = ["MergerBase", "accuracy_per_task", "count_parameters"]
+
+MODULE_PARAMS = ("pretrained_encoder", "finetuned_encoders", "heads")
+
+
+def count_parameters(module) -> int:
+    """Number of parameters of a module (shared tensors counted once).
+
+    Examples
+    --------
+    >>> import torch
+    >>> count_parameters(torch.nn.Linear(3, 2))
+    8
+    """
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def accuracy_per_task(model, X, y=None, *, device="cpu", tasks=None) -> dict[str, float]:
+    """Top-1 accuracy of ``model(x, task)`` on labelled per-task data.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Called as ``model(x, task)``; returns logits.
+    X, y
+        Labelled inputs per task (see :meth:`momaestimator.MOMAMerger.score_per_task`).
+    device : str or torch.device, default="cpu"
+    tasks : list of str, optional
+        Tasks the model serves; other tasks in ``X`` raise ``ValueError``.
+
+    Returns
+    -------
+    dict of str to float
+    """
+    sources, labels = split_inputs_and_labels(X, y)
+    if tasks is not None:
+        unknown = [t for t in sources if t not in tasks]
+        if unknown:
+            raise ValueError(f"X names tasks {unknown} the model does not serve; known: {list(tasks)}")
+    dtype = next(model.parameters()).dtype
+    out = {}
+    for task, source in sources.items():
+        correct = total = 0
+        for x, lab in iter_task_batches(source, labels[task], task=task):
+            if lab is None:
+                raise ValueError(f"task {task!r} has no labels: pass (inputs, labels), a labelled loader, or y")
+            x = x.to(device=device, dtype=dtype if x.is_floating_point() else torch.float32)
+            if not torch.isfinite(x).all():
+                raise ValueError(f"X[{task!r}] contains NaN or infinite values")
+            pred = model(x, task).argmax(-1).cpu()
+            lab = torch.as_tensor(np.asarray(lab)).long()
+            if len(lab) != len(pred):
+                raise ValueError(f"task {task!r}: {len(lab)} labels for {len(pred)} inputs")
+            correct += int((pred == lab).sum())
+            total += len(lab)
+        if total == 0:
+            raise ValueError(f"X[{task!r}] is empty: nothing to score")
+        out[task] = correct / total
+    return out
+
+
+class MergerBase(BaseEstimator):
+    """Shared plumbing: validation, module sharing on clone, scoring, teacher targets.
+
+    Subclasses implement ``_fit(ctx)`` (set fitted attributes; ``ctx`` holds validated inputs) and
+    ``transform()``.
+    """
+
+    def __sklearn_clone__(self):
+        params = self.get_params(deep=False)
+        return type(self)(**{k: (v if k in MODULE_PARAMS else clone(v, safe=False)) for k, v in params.items()})
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = False
+        tags.input_tags.two_d_array = False
+        tags.input_tags.dict = True
+        return tags
+
+    def _validated_models(self):
+        if not isinstance(self.pretrained_encoder, torch.nn.Module):
+            raise TypeError(
+                f"pretrained_encoder must be a torch.nn.Module, got {type(self.pretrained_encoder).__name__}"
+            )
+        fts = V.check_task_dict(self.finetuned_encoders, "finetuned_encoders")
+        heads = V.check_task_dict(self.heads, "heads")
+        tasks = V.check_same_tasks(finetuned_encoders=fts, heads=heads)
+        pre = as_state_dict(self.pretrained_encoder, name="pretrained_encoder")
+        V.check_state(pre, "pretrained_encoder")
+        for t, m in fts.items():
+            V.check_encoder_states(pre, as_state_dict(m), t)
+        return tasks, pre, fts, heads
+
+    def _unlabeled(self, X, tasks, device, dtype):
+        sources, _ = split_inputs_and_labels(X, None)
+        V.check_same_tasks(finetuned_encoders=dict.fromkeys(tasks), X=sources)
+        return {t: materialize_inputs(sources[t], task=t, dtype=dtype, device=device) for t in tasks}
+
+    def _teacher(self, skeleton, ft_module, head, x, device):
+        state = {k: v.to(device) for k, v in as_state_dict(ft_module).items()}
+        return teacher_targets(skeleton, state, head_spec(head, device), x)
+
+    def score_per_task(self, X, y=None) -> dict[str, float]:
+        """Top-1 accuracy per task of the model :meth:`transform` returns.
+
+        Parameters
+        ----------
+        X, y
+            Labelled inputs per task, as for :meth:`momaestimator.MOMAMerger.score_per_task`.
+
+        Returns
+        -------
+        dict of str to float
+        """
+        check_is_fitted(self, "tasks_")
+        device = V.resolve_device(getattr(self, "device", "cpu"))
+        return accuracy_per_task(self.transform().to(device), X, y, device=device, tasks=self.tasks_)
+
+    def score(self, X, y=None) -> float:
+        """Unweighted mean over tasks of :meth:`score_per_task`.
+
+        Parameters
+        ----------
+        X, y
+            As in :meth:`score_per_task`.
+
+        Returns
+        -------
+        float
+        """
+        return float(np.mean(list(self.score_per_task(X, y).values())))
+
+
+def head_spec(head, device) -> HeadSpec:
+    """A frozen head as skeleton + detached tensors on ``device``."""
+    return HeadSpec(
+        structure_copy(head, device=device), {k: v.detach().to(device) for k, v in head.state_dict().items()}
+    )
