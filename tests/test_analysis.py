@@ -1,0 +1,73 @@
+"""The misalignment analysis recovers planted orthogonal and non-orthogonal misalignments."""
+
+import pytest
+import torch
+
+from momaestimator import LinearHead, MOMAMerger, toy
+from momaestimator.analysis import mask_statistics, misalignment_report, rotation_statistics
+
+
+def planted(transform):
+    """Experts = the pretrained tower followed by ``transform`` of its output features."""
+    gen = torch.Generator().manual_seed(0)
+    pre = toy.make_tower(output_dim=8, random_state=0)
+    experts, heads, X = {}, {}, {}
+    for t in ("a", "b"):
+        expert = toy.make_tower(output_dim=8, random_state=0)
+        with torch.no_grad():
+            expert.proj.copy_(pre.proj @ transform(t).T)
+        experts[t] = expert
+        heads[t] = LinearHead(torch.randn(4, 8, generator=gen))
+        X[t] = torch.randn(200, 3, 8, 8, generator=gen)
+    return pre, experts, heads, X
+
+
+def rotation(t):
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(ord(t))))
+    return q
+
+
+def test_planted_rotation_is_recovered_and_called_orthogonal():
+    pre, experts, heads, X = planted(rotation)
+    X_fit = {t: x[:120] for t, x in X.items()}
+    X_eval = {t: x[120:] for t, x in X.items()}
+    rows = misalignment_report(pre, experts, heads, X_fit, scaling=1e-8, X_eval=X_eval)
+    for row in rows:
+        assert row["residual_identity"] > 0.3
+        assert row["residual_procrustes"] < 1e-4
+        assert row["linear_polar_distance"] < 0.05
+        assert row["linear_singular_value_ratio"] < 1.2
+        assert row["agreement_procrustes"] == 1.0
+        assert row["verdict"] == "orthogonal"
+
+
+def test_planted_anisotropic_scaling_is_called_not_orthogonal():
+    scales = torch.logspace(-1.3, 1.3, 8)
+    pre, experts, heads, X = planted(lambda t: torch.diag(scales))
+    X_fit = {t: x[:120] for t, x in X.items()}
+    X_eval = {t: x[120:] for t, x in X.items()}
+    rows = misalignment_report(pre, experts, heads, X_fit, scaling=1e-8, X_eval=X_eval)
+    for row in rows:
+        assert row["residual_linear"] < 0.5 * row["residual_procrustes"]
+        assert row["linear_singular_value_ratio"] > 5
+        assert row["verdict"] == "not orthogonal"
+
+
+def test_labels_add_accuracies_and_knn_probe(problem):
+    pre, experts, heads, data = problem
+    rows = misalignment_report(pre, experts, heads, data)
+    assert {r["task"] for r in rows} == set(data)
+    for r in rows:
+        assert 0 <= r["accuracy_merged"] <= 1 and 0 <= r["knn_expert"] <= 1
+        assert r["residual_procrustes"] <= r["residual_identity"] + 1e-9
+
+
+def test_mask_and_rotation_statistics(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    m = MOMAMerger(pre, experts, heads, sparsity=0.3, n_steps=10, rotation_lr=0.05, random_state=0).fit(unlabeled)
+    stats = mask_statistics(m)
+    assert sum(s["numel"] - s["kept"] for s in stats) == round(0.3 * sum(s["numel"] for s in stats))
+    rot = rotation_statistics(m)
+    assert all(r["max_angle_deg"] > 0 for r in rot)
+    q = m.rotations_[rot[0]["task"]]
+    assert rot[0]["frobenius_from_identity"] == pytest.approx(float((q - torch.eye(8)).norm()))
