@@ -85,19 +85,30 @@ class GlobalMask(nn.Module):
         ref = next(iter(multitask_vector.values()))
         scores = torch.empty(n, dtype=torch.float32, device=ref.device)
         offset = 0
-        for k, numel in zip(self.names, self.numels):
+        for k, numel in zip(self.names, self.numels):  # tensor by tensor: no full-size temporaries
             mag = multitask_vector[k].detach().abs().flatten().float()
-            scores[offset : offset + numel] = torch.log(mag.clamp_min(1e-30))
+            jitter = torch.rand(numel, generator=generator, dtype=torch.float32).to(scores.device)
+            scores[offset : offset + numel] = torch.log(mag.clamp_min(1e-30)) + 1e-4 * jitter
             offset += numel
-        jitter = torch.rand(n, generator=generator, dtype=torch.float32).to(scores.device)
-        scores += 1e-4 * jitter
         self.scores = nn.Parameter(scores)
+        # Large models: the training-time cut is the quantile of a fixed random sample of scores
+        # (a full kthvalue would copy all P scores every step). The final mask is exact regardless.
+        self._sample = None
+        if n > self.exact_threshold_max and self.n_remove:
+            self._sample = torch.randint(n, (self.sample_size,), generator=generator).to(scores.device)
+
+    exact_threshold_max = 4_000_000
+    sample_size = 1_000_000
 
     def threshold(self) -> torch.Tensor:
         """The current cut: entries with a score above it are kept."""
         if self.n_remove == 0:
             return torch.tensor(-math.inf, device=self.scores.device)
-        return self.scores.detach().kthvalue(self.n_remove).values
+        if self._sample is None:
+            return self.scores.detach().kthvalue(self.n_remove).values
+        sample = self.scores.detach()[self._sample]
+        k = min(max(1, round(self.n_remove / self.scores.numel() * len(sample))), len(sample))
+        return sample.kthvalue(k).values
 
     def views(self):
         """``{name: score tensor}`` views into the flat score vector."""

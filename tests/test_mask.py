@@ -1,0 +1,36 @@
+"""The global mask: starts at magnitude pruning, exact final sparsity, straight-through gradients."""
+
+import pytest
+import torch
+
+from momaestimator.merging import GlobalMask
+
+
+def test_initial_mask_removes_smallest_magnitudes():
+    tau = {"a": torch.tensor([0.5, -0.01, 2.0]), "b": torch.tensor([[0.02, -3.0]])}
+    mask = GlobalMask(tau, sparsity=0.4, generator=torch.Generator().manual_seed(0)).binary()
+    assert mask["a"].tolist() == [True, False, True] and mask["b"].tolist() == [[False, True]]
+
+
+def test_forward_is_hard_mask_and_gradient_reaches_scores_near_the_cut():
+    tau = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    theta0 = {"w": torch.zeros(4)}
+    mask = GlobalMask(tau, sparsity=0.5, generator=torch.Generator().manual_seed(0))
+    merged = mask.merge(theta0, tau, scaling=0.5)["w"]
+    assert torch.equal(merged, torch.tensor([0.0, 0.0, 1.5, 2.0]))
+    merged.sum().backward()
+    grad = mask.scores.grad
+    assert grad is not None and (grad > 0).all()  # every entry would raise the sum if kept more
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9])
+def test_sampled_threshold_for_large_vectors_keeps_exact_final_count(monkeypatch, sparsity):
+    monkeypatch.setattr(GlobalMask, "exact_threshold_max", 1000)
+    monkeypatch.setattr(GlobalMask, "sample_size", 4000)
+    gen = torch.Generator().manual_seed(0)
+    tau = {"w": torch.randn(100, 200, generator=gen)}
+    mask = GlobalMask(tau, sparsity=sparsity, generator=gen)
+    removed_now = float((mask.scores <= mask.threshold()).float().mean()) if sparsity else 0.0
+    assert removed_now == pytest.approx(sparsity, abs=0.03)  # sampled cut ≈ the right quantile
+    final = mask.binary()["w"]
+    assert int((~final).sum()) == round(sparsity * 20000)
