@@ -146,6 +146,8 @@ class TaskSamples:
         return 1
 
     def __getitem__(self, key):
+        if isinstance(key, tuple) and 1 <= len(key) <= 2 and (len(key) == 1 or key[1] is Ellipsis):
+            key = key[0]  # ``ts[key, ...]``: how scikit-learn's ``_safe_indexing`` indexes array-likes
         if isinstance(key, (int, np.integer)):
             key = [int(key)]
         if isinstance(key, tuple):

@@ -482,7 +482,7 @@ class MOMAMerger(BaseEstimator):
             "fitted": {k: getattr(self, k) for k in _FITTED if k != "mask_"},
             "mask": {k: (tuple(v.shape), np.packbits(v.numpy().ravel())) for k, v in self.mask_.items()},
         }
-        atomic_write(path, lambda f: joblib.dump(state, f))
+        atomic_write(path, lambda tmp: joblib.dump(state, tmp))
 
     @classmethod
     def load(cls, path, pretrained_encoder, finetuned_encoders, heads):

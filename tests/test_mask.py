@@ -19,7 +19,7 @@ def test_forward_is_hard_mask_and_gradient_reaches_scores_near_the_cut():
     merged = mask.merge(theta0, tau, scaling=0.5)["w"]
     assert torch.equal(merged, torch.tensor([0.0, 0.0, 1.5, 2.0]))
     merged.sum().backward()
-    grad = mask.scores.grad
+    grad = mask.scores[0].grad
     assert grad is not None and (grad > 0).all()  # every entry would raise the sum if kept more
 
 
@@ -30,7 +30,20 @@ def test_sampled_threshold_for_large_vectors_keeps_exact_final_count(monkeypatch
     gen = torch.Generator().manual_seed(0)
     tau = {"w": torch.randn(100, 200, generator=gen)}
     mask = GlobalMask(tau, sparsity=sparsity, generator=gen)
-    removed_now = float((mask.scores <= mask.threshold()).float().mean()) if sparsity else 0.0
+    removed_now = float((mask.scores[0] <= mask.threshold()).float().mean()) if sparsity else 0.0
     assert removed_now == pytest.approx(sparsity, abs=0.03)  # sampled cut ≈ the right quantile
     final = mask.binary()["w"]
     assert int((~final).sum()) == round(sparsity * 20000)
+
+
+def test_exact_count_with_tied_scores_breaks_ties_by_position(monkeypatch):
+    monkeypatch.setattr(GlobalMask, "exact_threshold_max", 10)
+    monkeypatch.setattr(GlobalMask, "sample_size", 50)
+    tau = {"a": torch.ones(30), "b": torch.ones(20)}
+    mask = GlobalMask(tau, sparsity=0.3)
+    with torch.no_grad():
+        for s in mask.scores:
+            s.fill_(0.0)  # every score tied
+    out = mask.binary()
+    assert int((~out["a"]).sum()) == 15 and bool(out["b"].all())  # the first 15 positions go
+    assert not out["a"][:15].any()

@@ -143,9 +143,11 @@ def train_step(ctx, batches, step):
         raise FloatingPointError(
             f"non-finite loss at step {step} (tasks {bad}); lower `lr`/`rotation_lr` or check the inputs"
         )
-    ctx.optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    ctx.optimizer.step()
+    if ctx.optimizer is not None:
+        ctx.optimizer.zero_grad(set_to_none=True)
+    total.backward()  # also steps the mask scores (see fit_moma)
+    if ctx.optimizer is not None:
+        ctx.optimizer.step()
     return float(total.detach()), {t: float(v.detach()) for t, v in losses.items()}
 
 
@@ -163,6 +165,14 @@ def validation_loss(ctx) -> float:
         t_logits, t_feats = ctx.targets_val[task]
         total += float(ctx.loss_fn(logits, t_logits, z, t_feats))
     return total
+
+
+def _step_in_backward(optimizer):
+    def hook(param):
+        optimizer.step()
+        param.grad = None
+
+    return hook
 
 
 class _Context:
@@ -219,23 +229,31 @@ def fit_moma(
         else None
     )
     ctx.fixed_theta = None if ctx.mask is not None else merged_state(theta0, tau, None, cfg.scaling)
-    groups = []
-    if ctx.mask is not None:
-        groups.append({"params": [ctx.mask.scores], "lr": cfg.lr})
+    # Fused Adam updates in place without full-size temporaries. The mask scores (one per encoder
+    # weight) are stepped inside backward, tensor by tensor, as soon as their gradient is ready, and
+    # the gradient is dropped at once: no full-size gradient buffer ever exists.
+    ctx.optimizer = None
     if ctx.rotations is not None:
-        groups.append({"params": list(ctx.rotations.parameters()), "lr": cfg.rotation_lr})
-    ctx.optimizer = torch.optim.Adam(groups) if groups else None
+        ctx.optimizer = torch.optim.Adam(ctx.rotations.parameters(), lr=cfg.rotation_lr, fused=True)
+    hooks = []
+    if ctx.mask is not None:
+        for p in ctx.mask.scores:
+            hooks.append(
+                p.register_post_accumulate_grad_hook(_step_in_backward(torch.optim.Adam([p], lr=cfg.lr, fused=True)))
+            )
+    ctx.learns = ctx.mask is not None or ctx.rotations is not None
 
     def snapshot():
         return (
-            ctx.mask.scores.detach().clone() if ctx.mask is not None else None,
+            ctx.mask.state() if ctx.mask is not None else None,
             [g.detach().clone() for g in ctx.rotations.parameters()] if ctx.rotations is not None else None,
         )
 
     history = []
-    best_loss, best_state, best_step = validation_loss(ctx), snapshot(), 0
+    # without held-out data the last state is kept, so no copy of the start state is needed
+    best_loss, best_state, best_step = validation_loss(ctx), (snapshot() if ctx.x_val else None), 0
     n_iter, interrupted = 0, False
-    steps = range(1, cfg.n_steps + 1) if ctx.optimizer is not None else range(0)
+    steps = range(1, cfg.n_steps + 1) if ctx.learns else range(0)
     if progress is not None:
         steps = progress(steps)
     start = time.perf_counter()
@@ -259,18 +277,21 @@ def fit_moma(
         interrupted = True
         if not history:
             raise
+    for h in hooks:
+        h.remove()
     if not ctx.x_val:
-        best_state, best_step = snapshot(), n_iter
+        best_state, best_step = (None, None), n_iter
 
     scores, gens = best_state
     with torch.no_grad():
         if ctx.mask is not None:
-            ctx.mask.scores.copy_(scores)
+            if scores is not None:
+                ctx.mask.load(scores)
             mask = {k: v.cpu() for k, v in ctx.mask.binary().items()}
         else:
             mask = {k: torch.ones(v.shape, dtype=torch.bool) for k, v in tau.items()}
         if ctx.rotations is not None:
-            for g, s in zip(ctx.rotations.parameters(), gens):
+            for g, s in zip(ctx.rotations.parameters(), gens or ()):
                 g.copy_(s)
             rotations = {t: ctx.rotations.matrix(i).detach().cpu() for i, t in enumerate(ctx.tasks)}
         else:

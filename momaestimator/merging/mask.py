@@ -35,27 +35,29 @@ def masked_merge(theta0: torch.Tensor, tau: torch.Tensor, keep, scaling: float) 
 class _StraightThroughMerge(torch.autograd.Function):
     """Forward: merge with the hard mask. Backward: sigmoid surrogate of the mask.
 
-    Written as a Function so that backward recomputes the surrogate from the scores instead of
-    keeping extra full-size tensors alive between forward and backward.
+    A Function so that backward recomputes the surrogate from the scores instead of keeping extra
+    full-size tensors alive between forward and backward; one node per tensor so that each
+    tensor's incoming gradient is freed as soon as it has been turned into a score gradient.
     """
 
     @staticmethod
     def forward(ctx, scores, threshold, theta0, tau, scaling):
-        keep = scores > threshold
         ctx.save_for_backward(scores, threshold, tau)
         ctx.scaling = scaling
-        return masked_merge(theta0, tau, keep, scaling)
+        return masked_merge(theta0, tau, scores > threshold, scaling)
 
     @staticmethod
     def backward(ctx, grad_out):
         scores, threshold, tau = ctx.saved_tensors
         sig = torch.sigmoid(scores - threshold)
-        grad_scores = grad_out * tau * (ctx.scaling * sig * (1 - sig))
-        return grad_scores, None, None, None, None
+        surrogate = sig.mul_(1 - sig).mul_(ctx.scaling)
+        return grad_out * tau * surrogate, None, None, None, None
 
 
 class GlobalMask(nn.Module):
     """Learnable scores for a binary mask that removes exactly ``sparsity`` of ``τ_MT``'s entries.
+
+    One score per entry of ``τ_MT`` (a parameter per tensor); the cut is global over all tensors.
 
     Parameters
     ----------
@@ -64,7 +66,7 @@ class GlobalMask(nn.Module):
     sparsity : float
         Fraction of entries (over all tensors together) the mask removes, in [0, 1).
     generator : torch.Generator, optional
-        Seeds the tie-breaking jitter.
+        Seeds the tie-breaking jitter (and the score sample of large models).
 
     Examples
     --------
@@ -75,63 +77,107 @@ class GlobalMask(nn.Module):
     tensor([False,  True, False,  True])
     """
 
-    def __init__(self, multitask_vector: dict, sparsity: float, generator: torch.Generator | None = None):
-        super().__init__()
-        self.names = list(multitask_vector)
-        self.shapes = [multitask_vector[k].shape for k in self.names]
-        self.numels = [multitask_vector[k].numel() for k in self.names]
-        n = sum(self.numels)
-        self.n_remove = int(round(sparsity * n))
-        ref = next(iter(multitask_vector.values()))
-        scores = torch.empty(n, dtype=torch.float32, device=ref.device)
-        offset = 0
-        for k, numel in zip(self.names, self.numels):  # tensor by tensor: no full-size temporaries
-            mag = multitask_vector[k].detach().abs().flatten().float()
-            jitter = torch.rand(numel, generator=generator, dtype=torch.float32).to(scores.device)
-            scores[offset : offset + numel] = torch.log(mag.clamp_min(1e-30)) + 1e-4 * jitter
-            offset += numel
-        self.scores = nn.Parameter(scores)
-        # Large models: the training-time cut is the quantile of a fixed random sample of scores
-        # (a full kthvalue would copy all P scores every step). The final mask is exact regardless.
-        self._sample = None
-        if n > self.exact_threshold_max and self.n_remove:
-            self._sample = torch.randint(n, (self.sample_size,), generator=generator).to(scores.device)
-
     exact_threshold_max = 4_000_000
     sample_size = 1_000_000
 
+    def __init__(self, multitask_vector: dict, sparsity: float, generator: torch.Generator | None = None):
+        super().__init__()
+        self.names = list(multitask_vector)
+        numels = [multitask_vector[k].numel() for k in self.names]
+        self.n_total = sum(numels)
+        self.n_remove = int(round(sparsity * self.n_total))
+        scores = []
+        for k in self.names:  # tensor by tensor: no full-size temporaries
+            tau = multitask_vector[k].detach()
+            jitter = torch.rand(tau.shape, generator=generator, dtype=torch.float32).to(tau.device)
+            scores.append(nn.Parameter(torch.log(tau.abs().float().clamp_min(1e-30)).add_(jitter.mul_(1e-4))))
+        self.scores = nn.ParameterList(scores)
+        # Large models: the training-time cut is the quantile of a fixed random sample of scores
+        # (an exact kthvalue would copy all P scores every step). The final mask is exact regardless.
+        self._sample = None
+        if self.n_total > self.exact_threshold_max and self.n_remove:
+            flat_idx = torch.randint(self.n_total, (self.sample_size,), generator=generator).sort().values
+            bounds = torch.tensor([0, *numels]).cumsum(0)
+            self._sample = []
+            for i, s in enumerate(self.scores):
+                sel = flat_idx[(flat_idx >= bounds[i]) & (flat_idx < bounds[i + 1])] - bounds[i]
+                self._sample.append(sel.to(s.device))
+
     def threshold(self) -> torch.Tensor:
         """The current cut: entries with a score above it are kept."""
+        device = self.scores[0].device
         if self.n_remove == 0:
-            return torch.tensor(-math.inf, device=self.scores.device)
+            return torch.tensor(-math.inf, device=device)
         if self._sample is None:
-            return self.scores.detach().kthvalue(self.n_remove).values
-        sample = self.scores.detach()[self._sample]
-        k = min(max(1, round(self.n_remove / self.scores.numel() * len(sample))), len(sample))
+            flat = torch.cat([s.detach().flatten() for s in self.scores])
+            return flat.kthvalue(self.n_remove).values
+        sample = torch.cat([s.detach().flatten()[idx] for s, idx in zip(self.scores, self._sample)])
+        k = min(max(1, round(self.n_remove / self.n_total * len(sample))), len(sample))
         return sample.kthvalue(k).values
-
-    def views(self):
-        """``{name: score tensor}`` views into the flat score vector."""
-        out, offset = {}, 0
-        for k, shape, numel in zip(self.names, self.shapes, self.numels):
-            out[k] = self.scores[offset : offset + numel].view(shape)
-            offset += numel
-        return out
 
     def merge(self, theta0: dict, tau: dict, scaling: float) -> dict[str, torch.Tensor]:
         """Differentiable ``θ_0 + λ (m ⊙ τ)`` with the hard mask (straight-through gradient)."""
         thr = self.threshold()
-        views = self.views()
-        return {k: _StraightThroughMerge.apply(views[k], thr, theta0[k], tau[k], scaling) for k in self.names}
+        return {
+            k: _StraightThroughMerge.apply(s, thr, theta0[k], tau[k], scaling) for k, s in zip(self.names, self.scores)
+        }
+
+    @torch.no_grad()
+    def state(self) -> list[torch.Tensor]:
+        """Copies of the scores (for keeping the best state seen)."""
+        return [s.detach().clone() for s in self.scores]
+
+    @torch.no_grad()
+    def load(self, state) -> None:
+        """Restore scores saved by :meth:`state`."""
+        for s, v in zip(self.scores, state):
+            s.copy_(v)
 
     @torch.no_grad()
     def binary(self) -> dict[str, torch.Tensor]:
-        """The final binary mask with exactly ``n_remove`` entries removed (ties broken by index)."""
-        keep = torch.ones_like(self.scores, dtype=torch.bool)
-        if self.n_remove:
-            keep[torch.topk(self.scores, self.n_remove, largest=False, sorted=False).indices] = False
+        """The final binary mask with exactly ``n_remove`` entries removed (ties broken by position)."""
+        if self.n_remove == 0:
+            return {k: torch.ones(s.shape, dtype=torch.bool, device=s.device) for k, s in zip(self.names, self.scores)}
+        lo, hi = self._band()
+        below = sum(int((s < lo).sum()) for s in self.scores)
+        # entries inside the band [lo, hi] in flat order; the lowest of them complete the count
+        values, positions, offset = [], [], 0
+        for s in self.scores:
+            flat = s.detach().flatten()
+            idx = torch.nonzero((flat >= lo) & (flat <= hi)).flatten()
+            values.append(flat[idx])
+            positions.append(idx + offset)
+            offset += flat.numel()
+        values, positions = torch.cat(values), torch.cat(positions)
+        order = torch.sort(values, stable=True).indices[: self.n_remove - below]
+        removed = positions[order]
         out, offset = {}, 0
-        for k, shape, numel in zip(self.names, self.shapes, self.numels):
-            out[k] = keep[offset : offset + numel].view(shape).clone()
-            offset += numel
+        for k, s in zip(self.names, self.scores):
+            keep = (s.detach() >= lo).flatten()
+            mine = removed[(removed >= offset) & (removed < offset + s.numel())] - offset
+            keep[mine] = False
+            out[k] = keep.view(s.shape)
+            offset += s.numel()
         return out
+
+    def _band(self):
+        """Score bounds ``lo ≤ hi`` with ``#(s < lo) ≤ n_remove ≤ #(s ≤ hi)``, narrow for large models.
+
+        Finding the exact cut inside a narrow band avoids sorting (or copying) all ``P`` scores.
+        """
+        if self._sample is None:
+            flat = torch.cat([s.detach().flatten() for s in self.scores])
+            v = flat.kthvalue(self.n_remove).values
+            return v, v
+        sample = torch.cat([s.detach().flatten()[idx] for s, idx in zip(self.scores, self._sample)]).sort().values
+        q = self.n_remove / self.n_total
+        for margin in (0.002, 0.01, 0.05, 1.0):
+            lo_i = max(0, int((q - margin) * len(sample)) - 1)
+            hi_i = min(len(sample) - 1, int((q + margin) * len(sample)) + 1)
+            lo = sample[lo_i] if margin < 1.0 else torch.tensor(-math.inf)
+            hi = sample[hi_i] if margin < 1.0 else torch.tensor(math.inf)
+            below = sum(int((s < lo).sum()) for s in self.scores)
+            upto = sum(int((s <= hi).sum()) for s in self.scores)
+            if below <= self.n_remove <= upto:
+                return lo, hi
+        raise AssertionError("unreachable: the full range always contains the cut")

@@ -1,0 +1,215 @@
+"""Cost of fitting at real scale: ViT-B/32 (and ViT-L/14) open_clip towers with random weights.
+
+Run ``python -m momaestimator.bench.scale`` (``--help`` for options). For T = 2, 4, 8 tasks it
+prints, per method: seconds per optimisation step, the peak memory ``fit`` adds beyond the user's
+models (CPU: resident set size; GPU: allocator peak), that peak as a multiple of one encoder's
+parameter bytes, the ratio peak(T=max)/peak(T=min), and the ratio of a step to one plain
+forward + backward of the encoder on the same batch (the floor). Each measurement runs in a fresh
+subprocess so that one run's allocations do not hide the next one's. Weights are random: cost does
+not depend on training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+__all__ = ["build_tower", "main", "measure"]
+
+
+def build_tower(model: str, seed: int = 0):
+    """The image tower of open_clip architecture ``model`` with seeded random weights."""
+    import open_clip
+    import torch
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip architecture {model!r}")
+    torch.manual_seed(seed)
+    return _build_vision_tower(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"])).eval(), cfg
+
+
+def measure(
+    model: str, n_tasks: int, method: str, *, batch_size: int, n_steps: int, device: str, precision=None
+) -> dict:
+    """One measurement (run it in a fresh process): build models, then time and measure ``fit``."""
+    import torch
+
+    from ..baselines import AdaMerging
+    from ..merger import MOMAMerger
+    from ..merging import task_arithmetic
+    from ..models import LinearHead
+    from .measure import PeakMemory
+
+    pre, cfg = build_tower(model)
+    size = cfg["vision_cfg"]["image_size"]
+    dim = cfg["embed_dim"]
+    gen = torch.Generator().manual_seed(1)
+    experts, heads, X = {}, {}, {}
+    for t in range(n_tasks):  # experts = pretrained + small random task vectors, built one at a time
+        expert, _ = build_tower(model)
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(1e-3 * torch.randn(p.shape, generator=gen))
+        experts[f"t{t}"] = expert
+        heads[f"t{t}"] = LinearHead(torch.randn(10, dim, generator=gen))
+        X[f"t{t}"] = torch.randn(2 * batch_size, 3, size, size, generator=gen)
+    n_params = sum(p.numel() for p in pre.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in pre.parameters())
+    out = {
+        "model": model,
+        "n_tasks": n_tasks,
+        "method": method,
+        "batch_per_task": batch_size,
+        "encoder_params": n_params,
+        "device": device,
+    }
+
+    if method == "floor":  # one plain forward + backward of the encoder on the whole batch
+        enc = pre.to(device).train()
+        x = torch.cat(list(X.values()))[: n_tasks * batch_size].to(device)
+        times = []
+        for _ in range(max(2, n_steps)):
+            t0 = time.perf_counter()
+            enc(x).square().mean().backward()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        out["seconds_per_step"] = min(times[1:])
+        return out
+    with PeakMemory(device) as mem:
+        if method == "task_arithmetic":
+            task_arithmetic(pre, experts, scaling=0.3)
+        elif method == "adamerging_layerwise":
+            est = AdaMerging(
+                pre,
+                experts,
+                heads,
+                granularity="layer",
+                n_steps=n_steps,
+                batch_size=batch_size,
+                device=device,
+                random_state=0,
+            ).fit(X)
+        else:
+            est = MOMAMerger(
+                pre,
+                experts,
+                heads,
+                sparsity=0.1,
+                n_steps=n_steps,
+                batch_size=batch_size,
+                validation_fraction=0.0,
+                precision=precision,
+                device=device,
+                random_state=0,
+            ).fit(X)
+    out["fit_seconds"] = mem.seconds
+    out["peak_extra_mb"] = mem.peak_mb
+    out["peak_over_param_bytes"] = mem.peak_mb * 2**20 / param_bytes
+    if method != "task_arithmetic":
+        sec = [h["seconds"] for h in est.history_]
+        out["seconds_per_step"] = (sec[-1] - sec[0]) / max(1, len(sec) - 1)
+    return out
+
+
+def _run_child(args_list) -> dict:
+    cmd = [sys.executable, "-m", "momaestimator.bench.scale", "--child", json.dumps(args_list)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        return {"error": (res.stderr or res.stdout).strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    """Entry point: print the scale table (and write it as JSON with ``--out``)."""
+    p = argparse.ArgumentParser(prog="python -m momaestimator.bench.scale", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture (default ViT-B-32)")
+    p.add_argument("--tasks", nargs="+", type=int, default=[2, 4, 8], help="numbers of tasks (default 2 4 8)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["moma", "task_arithmetic", "adamerging_layerwise"],
+        help="moma, task_arithmetic, adamerging_layerwise",
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="samples per task per step (default 4)")
+    p.add_argument("--n-steps", type=int, default=3, help="steps timed per fit (default 3)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default=None, choices=[None, "bf16", "fp16"])
+    p.add_argument("--large", default=None, help="also run this architecture at the smallest T (e.g. ViT-L-14)")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.child:
+        kw = json.loads(args.child)
+        print(json.dumps(measure(**kw)))
+        return 0
+    rows = []
+    plan = [(args.model, t) for t in args.tasks] + ([(args.large, min(args.tasks))] if args.large else [])
+    for model, t in plan:
+        floor = _run_child(
+            {
+                "model": model,
+                "n_tasks": t,
+                "method": "floor",
+                "batch_size": args.batch_size,
+                "n_steps": args.n_steps,
+                "device": args.device,
+            }
+        )
+        for method in args.methods:
+            r = _run_child(
+                {
+                    "model": model,
+                    "n_tasks": t,
+                    "method": method,
+                    "batch_size": args.batch_size,
+                    "n_steps": args.n_steps,
+                    "device": args.device,
+                    "precision": args.precision,
+                }
+            )
+            r.setdefault("model", model)
+            r.setdefault("n_tasks", t)
+            r.setdefault("method", method)
+            if "seconds_per_step" in r and "seconds_per_step" in floor:
+                r["step_over_floor"] = r["seconds_per_step"] / floor["seconds_per_step"]
+            r["floor_seconds"] = floor.get("seconds_per_step")
+            rows.append(r)
+            print(_fmt(r), flush=True)
+    for method in args.methods:
+        peaks = {
+            r["n_tasks"]: r.get("peak_extra_mb")
+            for r in rows
+            if r["method"] == method and r["model"] == args.model and r.get("peak_extra_mb")
+        }
+        if len(peaks) >= 2:
+            lo, hi = min(peaks), max(peaks)
+            print(f"{method}: peak(T={hi}) / peak(T={lo}) = {peaks[hi] / peaks[lo]:.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def _fmt(r):
+    if "error" in r:
+        return f"{r['model']:<9} T={r['n_tasks']:<2} {r['method']:<21} ERROR {r['error']}"
+    step = f"{r['seconds_per_step']:.3f} s/step" if "seconds_per_step" in r else "      -     "
+    ratio = f" ({r['step_over_floor']:.2f}× floor)" if "step_over_floor" in r else ""
+    mem = (
+        f"peak +{r['peak_extra_mb']:8.0f} MB = {r['peak_over_param_bytes']:.1f}× encoder bytes"
+        if "peak_extra_mb" in r
+        else ""
+    )
+    return f"{r['model']:<9} T={r['n_tasks']:<2} {r['method']:<21} {step}{ratio}  {mem}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+r"""``momaestimator merge``: merge a released checkpoint folder with MOMA from the command line.
+
+Example::
+
+    momaestimator merge --release task_vectors --root ~/checkpoints --model ViT-B-32 \
+        --data ~/unlabeled --out merged-vit-b-32
+
+loads the release, reads a few unlabeled images per task, fits :class:`MOMAMerger`, prints
+how often the merged model agrees with each fine-tuned expert on those images, and writes
+the merged model with :func:`~momaestimator.checkpoints.save_merged_model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from momaestimator.checkpoints.errors import CheckpointError
+from momaestimator.checkpoints.files import atomic_write
+from momaestimator.checkpoints.merged import save_merged_model
+from momaestimator.checkpoints.releases import (
+    canonical_task_name,
+    load_tall_masks_release,
+    load_task_vectors_release,
+)
+
+__all__ = ["main"]
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+_RELEASES = {"task_vectors": load_task_vectors_release, "tall_masks": load_tall_masks_release}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="momaestimator",
+        description="MOMA model merging for CLIP image encoders.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    merge = commands.add_parser(
+        "merge",
+        help="merge a released checkpoint folder with MOMA, given unlabeled data per task",
+        description=(
+            "Load the pretrained and fine-tuned encoders and heads of a checkpoint release, fit MOMA's "
+            "global mask and per-task rotations on unlabeled images, print how often the merged model "
+            "agrees with each fine-tuned expert on them, and save the merged model "
+            "(model.safetensors + model.json) in --out."
+        ),
+        epilog=(
+            "example: momaestimator merge --release task_vectors --root checkpoints --model ViT-B-32 "
+            "--data unlabeled/ --out merged/ --n-steps 200 --device cuda"
+        ),
+    )
+    merge.add_argument(
+        "--release",
+        required=True,
+        choices=sorted(_RELEASES),
+        help="layout of --root: task_vectors (<M>/zeroshot.pt, <M>/<Task>/finetuned.pt, "
+        "<M>/head_<Task>.pt) or tall_masks (<M>/<Task>Val/nonlinear_finetuned.pt, nonlinear_zeroshot.pt, "
+        "<M>/head_<Task>Val.pt)",
+    )
+    merge.add_argument(
+        "--root",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="folder holding one sub-folder per architecture",
+    )
+    merge.add_argument(
+        "--model",
+        default="ViT-B-32",
+        metavar="NAME",
+        help="architecture: the sub-folder of --root and the open_clip model name (default: %(default)s)",
+    )
+    merge.add_argument(
+        "--model-config",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="JSON open_clip model config (embed_dim, vision_cfg) for an architecture open_clip "
+        "does not name",
+    )
+    merge.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="tasks to merge, case-insensitive with aliases (e.g. stanford_cars); for tall_masks also "
+        "8, 14 or 20. Default: the release's 8 tasks",
+    )
+    merge.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        metavar="DIR_OR_NPZ",
+        help="unlabeled data: a folder with one image sub-folder per task (<data>/<Task>/*.png|jpg, "
+        "resized and normalised with the architecture's open_clip transform), or an .npz with one "
+        "float array (n, 3, H, W) per task, already preprocessed",
+    )
+    merge.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="output folder for the merged model"
+    )
+    merge.add_argument(
+        "--max-per-task",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use at most N samples per task (default: all)",
+    )
+    merge.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="fraction of the multi-task vector the mask removes, in [0, 1) (default: %(default)s)",
+    )
+    merge.add_argument(
+        "--n-steps", type=int, default=100, metavar="N", help="optimisation steps (default: %(default)s)"
+    )
+    merge.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        metavar="N",
+        help="samples per task per step (default: %(default)s)",
+    )
+    merge.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device for fitting and evaluation, e.g. cuda (default: %(default)s)",
+    )
+    merge.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="random seed; same seed, same CPU result (default: %(default)s)",
+    )
+    merge.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
+    return parser
+
+
+def _log(args, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _task_for(name: str, tasks: list[str]) -> str | None:
+    canonical = canonical_task_name(name)
+    for task in tasks:
+        if task == name or (canonical is not None and task == canonical) or task.lower() == name.lower():
+            return task
+    return None
+
+
+def _load_npz(path: Path, tasks: list[str]) -> dict[str, torch.Tensor]:
+    data = {}
+    with np.load(path, allow_pickle=False) as arrays:
+        for name in arrays.files:
+            task = _task_for(name, tasks)
+            if task is None:
+                continue
+            array = arrays[name]
+            if array.ndim != 4 or array.shape[1] != 3 or not np.issubdtype(array.dtype, np.floating):
+                raise SystemExit(
+                    f"{path}: array {name!r} must be float (n, 3, H, W), got {array.dtype} {array.shape}"
+                )
+            data[task] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return data
+
+
+def _load_image_folder(path: Path, tasks: list[str], image_size, max_per_task) -> dict[str, torch.Tensor]:
+    import open_clip
+    from PIL import Image
+
+    transform = open_clip.image_transform(image_size, is_train=False)
+    data = {}
+    for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+        task = _task_for(folder.name, tasks)
+        if task is None:
+            continue
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:max_per_task]
+        if not files:
+            raise SystemExit(f"{folder}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+        images = []
+        for file in files:
+            with Image.open(file) as image:
+                images.append(transform(image.convert("RGB")))
+        data[task] = torch.stack(images)
+    return data
+
+
+def _load_data(args, tasks: list[str], image_size) -> dict[str, torch.Tensor]:
+    if args.data.suffix == ".npz":
+        data = _load_npz(args.data, tasks)
+        if args.max_per_task is not None:
+            data = {t: x[: args.max_per_task] for t, x in data.items()}
+    elif args.data.is_dir():
+        data = _load_image_folder(args.data, tasks, image_size, args.max_per_task)
+    else:
+        raise SystemExit(f"--data {args.data}: expected an image folder or an .npz file")
+    missing = [t for t in tasks if t not in data]
+    if missing:
+        raise SystemExit(f"--data {args.data} has no samples for tasks {missing}; it must cover {tasks}")
+    return {t: data[t] for t in tasks}
+
+
+def _on(module, device):
+    """``module`` on ``device``: itself when already there, else a copy (the merger still uses it)."""
+    param = next(module.parameters(), None)
+    if param is None or param.device == torch.device(device):
+        return module
+    return copy.deepcopy(module).to(device)
+
+
+@torch.no_grad()
+def _predict(encoder, head, x: torch.Tensor, device, batch_size: int) -> torch.Tensor:
+    encoder, head = _on(encoder, device).eval(), _on(head, device).eval()
+    preds = [head(encoder(batch.to(device))).argmax(-1).cpu() for batch in x.split(max(batch_size, 1))]
+    return torch.cat(preds)
+
+
+def _table(rows: list[dict]) -> str:
+    header = f"{'task':<16} {'n':>6} {'merged':>8} {'zero-shot':>10}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row['task']:<16} {row['n']:>6} {row['merged']:>8.1%} {row['zero_shot']:>10.1%}")
+    mean_merged = np.mean([r["merged"] for r in rows])
+    mean_zero = np.mean([r["zero_shot"] for r in rows])
+    lines += ["-" * len(header), f"{'mean':<16} {'':>6} {mean_merged:>8.1%} {mean_zero:>10.1%}"]
+    return "\n".join(lines)
+
+
+def _merge(args) -> int:
+    from momaestimator.merger import MOMAMerger
+
+    model_cfg = json.loads(args.model_config.read_text()) if args.model_config is not None else None
+    tasks = args.tasks
+    if tasks is not None and len(tasks) == 1 and tasks[0].isdigit():
+        tasks = int(tasks[0])
+    start = time.perf_counter()
+    _log(args, f"loading the {args.release} release from {args.root / args.model} ...")
+    pretrained, finetuned, heads = _RELEASES[args.release](args.root, args.model, tasks, model_cfg=model_cfg)
+    names = list(finetuned)
+    _log(args, f"loaded {len(names)} tasks ({', '.join(names)}) in {time.perf_counter() - start:.1f} s")
+
+    data = _load_data(args, names, getattr(pretrained, "image_size", 224))
+    _log(args, "data: " + ", ".join(f"{t} {tuple(x.shape)}" for t, x in data.items()))
+
+    # The experts' predictions are the reference: the data is unlabeled.
+    expert = {t: _predict(finetuned[t], heads[t], data[t], args.device, args.batch_size) for t in names}
+    zero_shot = {t: _predict(pretrained, heads[t], data[t], args.device, args.batch_size) for t in names}
+
+    merger = MOMAMerger(
+        pretrained,
+        finetuned,
+        heads,
+        sparsity=args.sparsity,
+        n_steps=args.n_steps,
+        batch_size=args.batch_size,
+        device=args.device,
+        random_state=args.seed,
+        verbose=0 if args.quiet else 1,
+    )
+    merger.fit(data)
+    merged = merger.transform()
+    rows = []
+    for t in names:
+        pred = _predict(merged.encoder, merged.heads[t], data[t], args.device, args.batch_size)
+        rows.append(
+            {
+                "task": t,
+                "n": len(data[t]),
+                "merged": float((pred == expert[t]).float().mean()),
+                "zero_shot": float((zero_shot[t] == expert[t]).float().mean()),
+            }
+        )
+    print("agreement with each task's fine-tuned expert on the given data")
+    print(_table(rows))
+
+    architecture = model_cfg if model_cfg is not None else args.model
+    save_merged_model(merged, args.out, architecture=architecture)
+    summary = {
+        "release": args.release,
+        "model": args.model,
+        "tasks": names,
+        "params": {
+            k: v for k, v in merger.get_params(deep=False).items() if isinstance(v, (int, float, str))
+        },
+        "agreement": rows,
+    }
+    atomic_write(
+        args.out / "merge_report.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2))
+    )
+    _log(args, f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Run the ``momaestimator`` command.
+
+    Parameters
+    ----------
+    argv : list of str or None, default=None
+        Arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns
+    -------
+    int
+        Exit status.
+    """
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "merge":
+            return _merge(args)
+    except (FileNotFoundError, CheckpointError) as err:
+        # Missing or unreadable checkpoints are the user's to fix: a message, not a traceback.
+        parser.exit(2, f"momaestimator: error: {err}\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

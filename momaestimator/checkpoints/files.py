@@ -1,0 +1,251 @@
+"""Reading checkpoint files safely, and writing files atomically."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from momaestimator._io import atomic_write
+from momaestimator.checkpoints.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from momaestimator.checkpoints.safe_pickle import RestrictedUnpickler, torch_load_restricted
+
+__all__ = ["atomic_write", "load_legacy_pickle", "load_state_dict_file", "read_checkpoint"]
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_REDOWNLOAD = "download it again (an interrupted download or a disk error leaves such files)"
+
+
+def _corrupt(path: Path, what: str, cause: BaseException | None = None) -> CorruptCheckpointError:
+    size = path.stat().st_size if path.exists() else 0
+    detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+    return CorruptCheckpointError(f"{path} ({size} bytes) {what}{detail}; {_REDOWNLOAD}.")
+
+
+def _sniff(path: Path) -> str:
+    """Tell the file format from its first bytes: 'zip', 'pickle', 'safetensors'."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        raise _corrupt(path, "is empty")
+    if head.startswith(_ZIP_MAGIC):
+        # The central directory sits at the end of a zip: a truncated file has none.
+        if not zipfile.is_zipfile(path):
+            raise _corrupt(path, "is a truncated or damaged zip archive (torch.save format)")
+        return "zip"
+    if head.startswith(b"version https://git-lfs"):
+        raise CorruptCheckpointError(
+            f"{path} is a Git LFS pointer, not the checkpoint: fetch the file itself (git lfs pull) or {_REDOWNLOAD}."
+        )
+    if head.lstrip()[:1] == b"<":
+        raise _corrupt(path, "looks like an HTML/XML page, not a checkpoint (a failed download?)")
+    if head[:1] == b"\x80":
+        return "pickle"
+    if len(head) > 8 and head[8:9] == b"{":
+        return "safetensors"
+    raise _corrupt(path, "is not a torch.save archive, a pickle or a safetensors file")
+
+
+def _is_corruption(err: BaseException) -> bool:
+    if isinstance(err, (EOFError, zipfile.BadZipFile)):
+        return True
+    if isinstance(err, pickle.UnpicklingError) and not isinstance(err, UnsafeCheckpointError):
+        return True
+    text = str(err)
+    return isinstance(err, (RuntimeError, ValueError, OSError)) and any(
+        marker in text
+        for marker in (
+            "PytorchStreamReader",
+            "Invalid magic number",
+            "corrupt",
+            "unexpected EOF",
+            "failed finding central directory",
+            "file read failed",
+        )
+    )
+
+
+def load_state_dict_file(path) -> dict[str, torch.Tensor]:
+    """Load a plain state dict from a ``.safetensors`` file or a ``torch.save`` file.
+
+    ``torch.save`` files are read with ``weights_only=True``: only tensors and
+    plain containers are accepted, never pickled objects.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        The tensors, on the CPU.
+
+    Raises
+    ------
+    CorruptCheckpointError
+        If the file is truncated or corrupt; the message names it.
+    CheckpointError
+        If the file holds pickled objects rather than tensors (a whole-object release
+        pickle: read those with :func:`load_legacy_pickle` or the release loaders), or
+        is not a mapping of tensors.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from momaestimator.checkpoints import load_state_dict_file
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     torch.save({"w": torch.ones(2)}, f"{tmp}/w.pt")
+    ...     load_state_dict_file(f"{tmp}/w.pt")
+    {'w': tensor([1., 1.])}
+    """
+    path = Path(path)
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return _load_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise _corrupt(path, "could not be read", err) from err
+        names = _unsafe_globals(path)
+        raise CheckpointError(
+            f"{path} is not a plain state dict: it pickles objects ({', '.join(names) or 'see below'}). "
+            "For the whole-object pickles of the task_vectors / TALL-masks releases use "
+            "load_legacy_pickle() or the release loaders, which map the known classes safely."
+        ) from err
+    except Exception as err:
+        if _is_corruption(err):
+            raise _corrupt(path, "could not be read", err) from err
+        raise
+    return _as_tensor_dict(obj, path)
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # the names only decorate an error message
+        return []
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except SafetensorError as err:
+        raise _corrupt(path, "is not a readable safetensors file", err) from err
+
+
+def _as_tensor_dict(obj, path) -> dict[str, torch.Tensor]:
+    # Some trainers wrap the weights: {"state_dict": {...}}.
+    if isinstance(obj, Mapping) and len(obj) == 1:
+        (only,) = obj.values()
+        if isinstance(only, Mapping) and next(iter(obj)) in ("state_dict", "model", "model_state_dict"):
+            obj = only
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a mapping of names to tensors (got {type(obj).__name__})")
+    return dict(obj)
+
+
+def load_legacy_pickle(path):
+    """Load a whole-object pickle (``torch.save(module)`` or ``pickle.dump``) safely.
+
+    The release classes (``src.modeling.ImageEncoder``, ``src.modeling.ClassificationHead``,
+    ``src.models.modeling.*``, ``open_clip.model.VisualTransformer``, ...) and ``torch.nn``
+    classes come back as inert :class:`~momaestimator.checkpoints.safe_pickle.LegacyObject`
+    stand-ins; read their tensors with
+    :func:`~momaestimator.checkpoints.safe_pickle.legacy_state_dict`. Any other global
+    is refused.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``torch.save`` archive, a legacy (pre-1.6) ``torch.save`` file, or a plain pickle.
+
+    Returns
+    -------
+    object
+        The unpickled object; tensors are on the CPU.
+
+    Raises
+    ------
+    UnsafeCheckpointError
+        If the pickle refers to a global outside the known set; the message names it.
+    CorruptCheckpointError
+        If the file is truncated or corrupt.
+    """
+    path = Path(path)
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return _load_safetensors(path)
+    try:
+        if kind == "zip":
+            return torch_load_restricted(path)
+        with open(path, "rb") as f:
+            first = RestrictedUnpickler(f, encoding="utf-8").load()
+        # torch.save's pre-1.6 format starts with a pickled magic number, then the object;
+        # anything else is a plain pickle.dump whose first object is the whole content.
+        if isinstance(first, int) and first == torch.serialization.MAGIC_NUMBER:
+            return torch_load_restricted(path)
+        return first
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpointError(f"{path}: {err}") from None
+    except RuntimeError as err:
+        if "Can not safely load weights when explicit pickle_module" in str(err):
+            raise CheckpointError(
+                f"{path} is a whole-object pickle and TORCH_FORCE_WEIGHTS_ONLY_LOAD is set, which forbids "
+                "even the restricted unpickler; unset it to load this release file"
+            ) from err
+        if _is_corruption(err):
+            raise _corrupt(path, "could not be read", err) from err
+        raise
+    except Exception as err:
+        if _is_corruption(err):
+            raise _corrupt(path, "could not be read", err) from err
+        raise
+
+
+def read_checkpoint(path):
+    """Read any supported checkpoint file: state dict first, restricted pickle if needed.
+
+    A safetensors file or a ``torch.save`` of tensors loads with ``weights_only=True``;
+    a ``torch.save`` archive that pickles objects (the task_vectors release) goes through
+    :func:`load_legacy_pickle`. Files in the legacy or plain-pickle formats always go through
+    the restricted unpickler.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The checkpoint.
+
+    Returns
+    -------
+    dict of str to torch.Tensor or LegacyObject or object
+        A state dict, or the stand-in of a pickled module.
+    """
+    path = Path(path)
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return _load_safetensors(path)
+    if kind == "zip" and not _unsafe_globals_or_unknown(path):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            if _is_corruption(err):
+                raise _corrupt(path, "could not be read", err) from err
+            raise
+    return load_legacy_pickle(path)
+
+
+def _unsafe_globals_or_unknown(path: Path) -> bool:
+    try:
+        return bool(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:
+        return True  # let the restricted unpickler decide and report

@@ -1,0 +1,334 @@
+"""Loaders for the checkpoint releases the model-merging literature uses.
+
+Both return ``(pretrained_encoder, {task: finetuned_encoder}, {task: head})``, the
+arguments of :class:`momaestimator.merger.MOMAMerger`, with today's open_clip image
+towers and :class:`~momaestimator.models.LinearHead` heads.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from momaestimator.checkpoints.errors import CheckpointError
+from momaestimator.checkpoints.files import read_checkpoint
+from momaestimator.checkpoints.openclip import checkpoint_state, encoder_from_state_dict
+from momaestimator.checkpoints.safe_pickle import LegacyObject, legacy_state_dict
+from momaestimator.models import LinearHead
+
+__all__ = [
+    "TALL_MASKS_TASKS",
+    "TASK_VECTORS_TASKS",
+    "canonical_task_name",
+    "head_from_checkpoint",
+    "load_tall_masks_release",
+    "load_task_vectors_release",
+]
+
+#: The eight tasks of the task_vectors release, in its order.
+TASK_VECTORS_TASKS = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
+
+#: The TALL-masks / TSV / Iso release's tasks; its 8-, 14- and 20-task benchmarks are prefixes.
+TALL_MASKS_TASKS = (
+    "Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SVHN", "SUN397",
+    "STL10", "OxfordIIITPet", "Flowers102", "CIFAR100", "PCAM", "FER2013",
+    "CIFAR10", "Food101", "FashionMNIST", "RenderedSST2", "EMNIST", "KMNIST",
+)  # fmt: skip
+
+_EXTRA_ALIASES = {
+    "Cars": ("stanfordcars", "stanford_cars", "cars196"),
+    "RESISC45": ("resisc", "nwpuresisc45"),
+    "DTD": ("describabletextures",),
+    "OxfordIIITPet": ("pets", "oxfordpets", "oxfordiiitpets", "oxford_iiit_pet"),
+    "Flowers102": ("flowers", "oxfordflowers", "oxfordflowers102"),
+    "PCAM": ("patchcamelyon",),
+    "FER2013": ("fer",),
+    "Food101": ("food",),
+    "RenderedSST2": ("sst2", "renderedsst"),
+    "EMNIST": ("emnistletters",),
+}
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+_ALIASES = {_key(task): task for task in TALL_MASKS_TASKS}
+_ALIASES.update({_key(alias): task for task, aliases in _EXTRA_ALIASES.items() for alias in aliases})
+
+
+def canonical_task_name(name: str) -> str | None:
+    """The release's spelling of a task name, matched case- and punctuation-insensitively.
+
+    A trailing ``Val`` (the TALL-masks folder suffix) is ignored.
+
+    Parameters
+    ----------
+    name : str
+        A task name such as ``"stanford_cars"``, ``"sun397"`` or ``"EuroSATVal"``.
+
+    Returns
+    -------
+    str or None
+        The canonical name, or ``None`` for a task no release knows.
+
+    Examples
+    --------
+    >>> from momaestimator.checkpoints import canonical_task_name
+    >>> canonical_task_name("stanford_cars"), canonical_task_name("eurosat"), canonical_task_name("GTSRBVal")
+    ('Cars', 'EuroSAT', 'GTSRB')
+    """
+    key = _key(name)
+    if key in _ALIASES:
+        return _ALIASES[key]
+    if key.endswith("val") and key[:-3] in _ALIASES:
+        return _ALIASES[key[:-3]]
+    return None
+
+
+def _same_task(a: str, b: str) -> bool:
+    ca, cb = canonical_task_name(a), canonical_task_name(b)
+    return (ca or _key(a)) == (cb or _key(b))
+
+
+def _resolve_tasks(tasks, default, lists=None) -> list[str]:
+    if tasks is None:
+        return list(default)
+    if isinstance(tasks, int) and not isinstance(tasks, bool):
+        if lists is None or tasks not in lists:
+            raise ValueError(f"tasks={tasks}: expected a list of task names or one of {sorted(lists or {})}")
+        return list(lists[tasks])
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    names = [canonical_task_name(t) or t for t in tasks]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"tasks name the same task more than once: {dupes}")
+    if not names:
+        raise ValueError("tasks is empty")
+    return names
+
+
+def _find(parent: Path, task: str, *, prefix="", suffix="", is_dir: bool) -> Path | None:
+    """The entry of ``parent`` for ``task``: ``<prefix><Task><suffix>``, any spelling of the task."""
+    exact = parent / f"{prefix}{task}{suffix}"
+    if exact.is_dir() if is_dir else exact.is_file():
+        return exact
+    if not parent.is_dir():
+        return None
+    lo_prefix, lo_suffix = prefix.lower(), suffix.lower()
+    for entry in sorted(parent.iterdir()):
+        name = entry.name.lower()
+        if entry.is_dir() != is_dir or not (name.startswith(lo_prefix) and name.endswith(lo_suffix)):
+            continue
+        core = entry.name[len(prefix) : len(entry.name) - len(suffix)]
+        if core and _same_task(core, task):
+            return entry
+    return None
+
+
+def _model_dir(root, model: str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"release root {root} is not a directory")
+    model_dir = root / model
+    if not model_dir.is_dir():
+        present = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise FileNotFoundError(f"no {model!r} folder in {root}; it has: {present}")
+    return model_dir
+
+
+def head_from_checkpoint(checkpoint, source: str = "head") -> LinearHead:
+    """Convert a release classification head to a :class:`~momaestimator.models.LinearHead`.
+
+    Parameters
+    ----------
+    checkpoint : LegacyObject, torch.nn.Module or mapping
+        A pickled ``ClassificationHead`` (as read by
+        :func:`~momaestimator.checkpoints.load_legacy_pickle`), a live ``nn.Linear`` /
+        ``ClassificationHead``, or a ``{"weight", "bias"}`` state dict (taken as a release
+        head, i.e. applied to normalised features).
+    source : str, default="head"
+        Where it came from, for error messages.
+
+    Returns
+    -------
+    LinearHead
+        Same weight, bias and ``normalize`` flag (``False`` for a plain ``nn.Linear``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from momaestimator.checkpoints import head_from_checkpoint
+    >>> head_from_checkpoint({"weight": torch.eye(2), "bias": torch.zeros(2)})
+    LinearHead(in_features=2, out_features=2, normalize=True)
+    """
+    if isinstance(checkpoint, LegacyObject):
+        state = legacy_state_dict(checkpoint)
+        normalize = checkpoint.__dict__.get(
+            "normalize", type(checkpoint).legacy_class.endswith("ClassificationHead")
+        )
+    elif isinstance(checkpoint, nn.Module):
+        state = checkpoint.state_dict()
+        normalize = getattr(checkpoint, "normalize", False)
+    elif isinstance(checkpoint, Mapping):
+        state = checkpoint
+        normalize = True
+    else:
+        raise CheckpointError(f"{source} holds a {type(checkpoint).__name__}, not a classification head")
+    weight = state.get("weight")
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise CheckpointError(f"{source} has no 2-D 'weight' (keys: {sorted(state)})")
+    return LinearHead(weight, state.get("bias"), normalize=bool(normalize))
+
+
+def _check_files(files: dict[str, Path], what: str, where: Path) -> None:
+    missing = [f"{name} ({path})" for name, path in files.items() if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{what} in {where}: missing {'; '.join(missing)}")
+
+
+def _load_release(arch, zeroshot, finetuned, heads, quick_gelu):
+    state, detected, source = checkpoint_state(zeroshot)
+    # Both releases fine-tuned OpenAI's CLIP, trained with QuickGELU; a pickled tower says so itself.
+    activation = quick_gelu if quick_gelu is not None else (detected if detected is not None else True)
+    pretrained = encoder_from_state_dict(arch, state, quick_gelu=activation, source=source)
+    del state
+    encoders = {}
+    for task, path in finetuned.items():
+        state, detected, source = checkpoint_state(path)
+        if quick_gelu is None and detected is not None and detected != activation:
+            raise CheckpointError(f"{source} uses {'QuickGELU' if detected else 'GELU'}, unlike {zeroshot}")
+        encoders[task] = encoder_from_state_dict(arch, state, quick_gelu=activation, source=source)
+        del state
+    embed_dim = pretrained.output_dim if hasattr(pretrained, "output_dim") else None
+    loaded_heads = {}
+    for task, path in heads.items():
+        head = head_from_checkpoint(read_checkpoint(path), source=str(path))
+        if embed_dim is not None and head.in_features != embed_dim:
+            raise CheckpointError(
+                f"{path}: head takes {head.in_features} features, the encoder gives {embed_dim}"
+            )
+        loaded_heads[task] = head
+    return pretrained, encoders, loaded_heads
+
+
+def load_task_vectors_release(root, model="ViT-B-32", tasks=None, *, model_cfg=None, quick_gelu=None):
+    """Load the task_vectors release (Ilharco et al.) for merging.
+
+    Layout: ``<root>/<model>/zeroshot.pt``, ``<root>/<model>/<Task>/finetuned.pt`` and
+    ``<root>/<model>/head_<Task>.pt``. The encoders are whole pickled
+    ``src.modeling.ImageEncoder`` objects of open_clip 2.0.2, read with the restricted
+    unpickler (plain state dicts in the same places are read with ``weights_only=True``);
+    the heads are pickled ``src.modeling.ClassificationHead`` objects.
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        Folder holding one sub-folder per architecture.
+    model : str, default="ViT-B-32"
+        Architecture folder and open_clip architecture name (``ViT-B-32``, ``ViT-B-16``,
+        ``ViT-L-14``).
+    tasks : list of str or None, default=None
+        Tasks to load, in this order; names match case-insensitively with aliases
+        (``"stanford_cars"`` is ``"Cars"``). ``None``: the release's eight tasks in its order,
+        :data:`TASK_VECTORS_TASKS`.
+    model_cfg : dict or None, default=None
+        An open_clip model config (``embed_dim``, ``vision_cfg``) to use instead of looking
+        ``model`` up in open_clip, e.g. for a custom or tiny architecture.
+    quick_gelu : bool or None, default=None
+        Activation of the towers. ``None``: read off the pickled tower, else ``True`` as
+        for the OpenAI-initialised release.
+
+    Returns
+    -------
+    pretrained_encoder : torch.nn.Module
+        The zero-shot image tower (today's ``open_clip.transformer.VisionTransformer``).
+    finetuned_encoders : dict of str to torch.nn.Module
+        One fine-tuned tower per task, keyed by canonical task name.
+    heads : dict of str to LinearHead
+        One classification head per task (``normalize=True``, logit scale folded in).
+
+    Raises
+    ------
+    FileNotFoundError
+        Listing every missing file before anything is loaded.
+    UnsafeCheckpointError, CorruptCheckpointError, CheckpointError
+        See :func:`~momaestimator.checkpoints.load_legacy_pickle` and
+        :func:`~momaestimator.checkpoints.load_open_clip_encoder`.
+    """
+    model_dir = _model_dir(root, model)
+    names = _resolve_tasks(tasks, TASK_VECTORS_TASKS)
+    finetuned, heads = {}, {}
+    for task in names:
+        folder = _find(model_dir, task, is_dir=True)
+        finetuned[task] = folder / "finetuned.pt" if folder is not None else model_dir / task / "finetuned.pt"
+        heads[task] = _find(model_dir, task, prefix="head_", suffix=".pt", is_dir=False) or (
+            model_dir / f"head_{task}.pt"
+        )
+    zeroshot = model_dir / "zeroshot.pt"
+    _check_files({"zeroshot.pt": zeroshot, **finetuned}, "task_vectors release", model_dir)
+    _check_files({f"head of {t}": p for t, p in heads.items()}, "task_vectors release heads", model_dir)
+    return _load_release(
+        model_cfg if model_cfg is not None else model, zeroshot, finetuned, heads, quick_gelu
+    )
+
+
+def load_tall_masks_release(root, model="ViT-B-32", tasks=None, *, model_cfg=None, quick_gelu=None):
+    """Load the TALL-masks / TSV / Iso release (Wang et al.) for merging.
+
+    Layout: ``<root>/<model>/<Task>Val/nonlinear_finetuned.pt`` (plain state dicts with
+    ``model.*`` keys, read with ``weights_only=True``), ``nonlinear_zeroshot.pt`` (in
+    ``<model>/``, ``MNISTVal/`` as the release's code expects, or any task folder), and
+    pickled ``src.models.modeling.ClassificationHead`` heads ``<root>/<model>/head_<Task>Val.pt``.
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        Folder holding one sub-folder per architecture (the release's ``single_task`` folder).
+    model : str, default="ViT-B-32"
+        Architecture folder and open_clip architecture name.
+    tasks : int or list of str or None, default=None
+        ``8``, ``14`` or ``20`` for the release's benchmarks (prefixes of
+        :data:`TALL_MASKS_TASKS`), or task names (case-insensitive, with aliases).
+        ``None``: the 8-task benchmark.
+    model_cfg : dict or None, default=None
+        An open_clip model config to use instead of looking ``model`` up.
+    quick_gelu : bool or None, default=None
+        Activation of the towers; ``None`` means ``True`` (OpenAI-initialised release).
+
+    Returns
+    -------
+    pretrained_encoder, finetuned_encoders, heads
+        As :func:`load_task_vectors_release`.
+    """
+    model_dir = _model_dir(root, model)
+    lists = {n: TALL_MASKS_TASKS[:n] for n in (8, 14, 20)}
+    names = _resolve_tasks(tasks, TALL_MASKS_TASKS[:8], lists)
+    finetuned, heads = {}, {}
+    for task in names:
+        folder = _find(model_dir, task, suffix="Val", is_dir=True)
+        finetuned[task] = (folder or model_dir / f"{task}Val") / "nonlinear_finetuned.pt"
+        heads[task] = _find(model_dir, task, prefix="head_", suffix="Val.pt", is_dir=False) or (
+            model_dir / f"head_{task}Val.pt"
+        )
+    candidates = [model_dir / "nonlinear_zeroshot.pt"]
+    candidates += [
+        d / "nonlinear_zeroshot.pt" for d in (_find(model_dir, "MNIST", suffix="Val", is_dir=True),) if d
+    ]
+    candidates += [p.parent / "nonlinear_zeroshot.pt" for p in finetuned.values()]
+    candidates += sorted(model_dir.glob("*/nonlinear_zeroshot.pt"))
+    zeroshot = next((p for p in candidates if p.is_file()), None)
+    if zeroshot is None:
+        raise FileNotFoundError(
+            f"TALL-masks release in {model_dir}: no nonlinear_zeroshot.pt in it or its task folders"
+        )
+    _check_files(finetuned, "TALL-masks release", model_dir)
+    _check_files({f"head of {t}": p for t, p in heads.items()}, "TALL-masks release heads", model_dir)
+    return _load_release(
+        model_cfg if model_cfg is not None else model, zeroshot, finetuned, heads, quick_gelu
+    )

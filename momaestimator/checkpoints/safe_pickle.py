@@ -1,0 +1,326 @@
+"""A restricted unpickler for the whole-object pickles of the published releases.
+
+The task_vectors release saved its encoders and heads with ``torch.save(module)``:
+the file holds a pickle of ``src.modeling.ImageEncoder`` wrapping an
+open_clip 2.0.2 ``CLIP``. Loading it the ordinary way needs those classes to be
+importable (``No module named 'src.modeling'``, ``Can't get attribute
+'VisualTransformer'``) and, worse, runs whatever the pickle asks for.
+
+Here every class of a known namespace is replaced by an inert :class:`LegacyObject`
+stand-in that only records its state, and only a short list of genuinely needed
+callables (torch's tensor rebuild helpers, ``OrderedDict``, ``set``, ...) is resolved
+to the real thing. Any other global raises :class:`UnsafeCheckpointError` naming it.
+The tensors are then read out of the stand-in tree with :func:`legacy_state_dict`.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import copyreg
+import io
+import pickle
+import sys
+import types
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from momaestimator.checkpoints.errors import UnsafeCheckpointError
+
+__all__ = ["LegacyObject", "legacy_class_name", "legacy_modules", "legacy_state_dict"]
+
+# Modules whose classes become inert stand-ins. Nothing from them is imported or called,
+# so any class name in them is as safe as any other; they are the code of the releases
+# (src.modeling, src.models.modeling), open_clip of any version (2.0.2's
+# open_clip.model.VisualTransformer no longer exists), and the torchvision transforms the
+# release's ImageEncoder kept as attributes (train_preprocess / val_preprocess).
+_STAND_IN_NAMESPACES = ("src.modeling", "src.models", "src.heads", "open_clip", "torchvision.transforms")
+
+
+def _allowed_callables() -> dict[tuple[str, str], object]:
+    """The real callables a release pickle needs, each harmless whatever its arguments."""
+    allowed = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "slice"): slice,
+        ("builtins", "complex"): complex,
+        ("builtins", "bytearray"): bytearray,
+        # Protocol 0/1 object reconstruction; ``cls`` and ``base`` come through find_class too.
+        ("copyreg", "_reconstructor"): copyreg._reconstructor,
+        ("torch", "Size"): torch.Size,
+        ("torch", "device"): torch.device,
+        ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+        ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
+    }
+    for name in (
+        "_rebuild_tensor",
+        "_rebuild_tensor_v2",
+        "_rebuild_parameter",
+        "_rebuild_parameter_with_state",
+    ):
+        if hasattr(torch._utils, name):
+            allowed["torch._utils", name] = getattr(torch._utils, name)
+    return allowed
+
+
+class LegacyObject:
+    r"""Inert stand-in for an object of a class known from the releases.
+
+    Unpickling creates one subclass per original class (its name is in
+    :attr:`legacy_class`) and fills the instance ``__dict__`` with the pickled
+    state; no code of the original class runs. For a pickled ``nn.Module`` the
+    state holds ``_parameters``, ``_buffers`` and ``_modules``, which
+    :func:`legacy_state_dict` walks.
+
+    Examples
+    --------
+    A pickle of a ``src.modeling.ClassificationHead`` with ``normalize=True``, loaded
+    without ``src.modeling`` being importable:
+
+    >>> from momaestimator.checkpoints.safe_pickle import legacy_class_name, loads_restricted
+    >>> data = b"csrc.modeling\nClassificationHead\n)\x81}(Vnormalize\nI01\nub."
+    >>> head = loads_restricted(data)
+    >>> legacy_class_name(head), head.normalize
+    ('src.modeling.ClassificationHead', True)
+    """
+
+    legacy_class = "?"
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        # Reached only when a pickle calls the class (e.g. an Enum member by value):
+        # keep the arguments for inspection, run nothing.
+        self.__dict__["_legacy_args"] = args
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:
+            state, slots = state
+            if isinstance(slots, dict):
+                state = {**(state or {}), **slots}
+        if isinstance(state, dict):
+            # Dunder keys would shadow the stand-in's own protocol methods on a later BUILD.
+            self.__dict__.update(
+                {k: v for k, v in state.items() if isinstance(k, str) and not k.startswith("__")}
+            )
+        else:
+            self.__dict__["_legacy_state"] = state
+
+    def __repr__(self) -> str:
+        return f"<LegacyObject {type(self).legacy_class}>"
+
+
+_STAND_IN_CLASSES: dict[str, type] = {}
+
+
+def _stand_in(module: str, name: str) -> type:
+    qualified = f"{module}.{name}"
+    cls = _STAND_IN_CLASSES.get(qualified)
+    if cls is None:
+        cls = type(name, (LegacyObject,), {"legacy_class": qualified, "__module__": __name__})
+        _STAND_IN_CLASSES[qualified] = cls
+    return cls
+
+
+def _is_identifier_path(text: str) -> bool:
+    return bool(text) and all(part.isidentifier() for part in text.split("."))
+
+
+def _in_namespace(module: str, namespace: str) -> bool:
+    return module == namespace or module.startswith(namespace + ".")
+
+
+def _is_torch_nn_class(module: str, name: str) -> bool:
+    # Only classes that this torch already defines; nothing is imported to check.
+    if not _in_namespace(module, "torch.nn.modules") and module != "torch.nn":
+        return False
+    obj = getattr(sys.modules.get(module), name, None)
+    return isinstance(obj, type) and issubclass(obj, nn.Module)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only known, harmless globals.
+
+    Classes of the releases' namespaces and of ``torch.nn`` become
+    :class:`LegacyObject` stand-ins; torch dtypes and a short list of callables
+    resolve to the real objects; everything else raises
+    :class:`~momaestimator.checkpoints.errors.UnsafeCheckpointError`.
+    """
+
+    _allowed = None
+
+    def find_class(self, module, name):
+        module, name = str(module), str(name)
+        # Python 2 names (``__builtin__.set`` in protocol-2 pickles), mapped as pickle's own
+        # find_class does; overriding find_class skips that mapping.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[module, name]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        qualified = f"{module}.{name}"
+        allowed = type(self)._allowed
+        if allowed is None:
+            allowed = type(self)._allowed = _allowed_callables()
+        if (module, name) in allowed:
+            return allowed[module, name]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray") and name in (
+            "dtype",
+            "scalar",
+        ):
+            # numpy scalars (a float attribute computed with numpy) pickle through these two,
+            # which only build a dtype or a scalar from bytes.
+            import numpy
+
+            multiarray = getattr(numpy, "_core", None) or numpy.core
+            return numpy.dtype if name == "dtype" else multiarray.multiarray.scalar
+        if _is_identifier_path(module) and name.isidentifier():
+            if any(_in_namespace(module, ns) for ns in _STAND_IN_NAMESPACES) or _is_torch_nn_class(
+                module, name
+            ):
+                return _stand_in(module, name)
+        raise UnsafeCheckpointError(
+            f"refused to unpickle global {qualified!r}: it is not one of the classes of the task_vectors / "
+            "TALL-masks releases, open_clip or torch.nn, nor a tensor rebuild helper. Loading it could run "
+            "arbitrary code. If you trust this file, load it yourself and pass its state dict instead."
+        )
+
+
+def _restricted_load(file, **kwargs):
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
+def _restricted_loads(data, **kwargs):
+    return RestrictedUnpickler(io.BytesIO(data), **kwargs).load()
+
+
+# torch.load(pickle_module=...) uses .Unpickler for the main pickle and .load for the small
+# records of its legacy format; both must be restricted.
+RESTRICTED_PICKLE_MODULE = types.ModuleType("momaestimator_restricted_pickle")
+RESTRICTED_PICKLE_MODULE.Unpickler = RestrictedUnpickler
+RESTRICTED_PICKLE_MODULE.load = _restricted_load
+RESTRICTED_PICKLE_MODULE.loads = _restricted_loads
+RESTRICTED_PICKLE_MODULE.UnpicklingError = pickle.UnpicklingError
+
+
+def torch_load_restricted(file):
+    """``torch.load`` of a torch.save file through :class:`RestrictedUnpickler`, onto the CPU."""
+    # weights_only=False only lifts torch's own allowlist, which cannot map the release's class
+    # names; every global still goes through RestrictedUnpickler.find_class.
+    return torch.load(file, map_location="cpu", pickle_module=RESTRICTED_PICKLE_MODULE, weights_only=False)
+
+
+def _load_storage_from_bytes(data):
+    # A tensor pickled with plain pickle.dump stores its storage as torch.save bytes, which
+    # torch.storage._load_from_bytes would read with an unrestricted torch.load.
+    return torch_load_restricted(io.BytesIO(data))
+
+
+def loads_restricted(data: bytes):
+    """Unpickle bytes with :class:`RestrictedUnpickler` (no persistent ids).
+
+    Parameters
+    ----------
+    data : bytes
+        A pickle.
+
+    Returns
+    -------
+    object
+        The unpickled object, with release classes replaced by :class:`LegacyObject` stand-ins.
+
+    Examples
+    --------
+    >>> import os, pickle
+    >>> loads_restricted(pickle.dumps({"a": {1, 2}}))
+    {'a': {1, 2}}
+    >>> loads_restricted(pickle.dumps(os.system))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    momaestimator.checkpoints.errors.UnsafeCheckpointError: refused to unpickle global 'posix.system': ...
+    """
+    return _restricted_loads(data)
+
+
+def legacy_class_name(obj) -> str | None:
+    """The original ``module.Class`` of a stand-in, or ``None`` for any other object."""
+    return type(obj).legacy_class if isinstance(obj, LegacyObject) else None
+
+
+def legacy_modules(obj, prefix: str = "") -> Iterator[tuple[str, LegacyObject]]:
+    """Yield ``(qualified_name, stand_in)`` for a pickled module and all its submodules.
+
+    Parameters
+    ----------
+    obj : LegacyObject
+        The stand-in of a pickled ``nn.Module``.
+    prefix : str, default=""
+        Prefix of the names, as in ``nn.Module.named_modules``.
+    """
+    stack = [(prefix.rstrip("."), obj)]
+    seen = set()
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        children = module.__dict__.get("_modules") or {}
+        for child_name, child in reversed(list(children.items())):
+            if isinstance(child, LegacyObject):
+                stack.append((f"{name}.{child_name}" if name else str(child_name), child))
+
+
+def legacy_state_dict(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The state dict a pickled ``nn.Module`` would have returned.
+
+    Parameters
+    ----------
+    obj : LegacyObject
+        Stand-in of a pickled ``nn.Module``.
+    prefix : str, default=""
+        Prepended to every key.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Parameters and persistent buffers, keyed like ``nn.Module.state_dict``.
+
+    Raises
+    ------
+    TypeError
+        If ``obj`` is not the stand-in of a module, or holds non-tensor parameters.
+    """
+    if not isinstance(obj, LegacyObject) or "_parameters" not in obj.__dict__:
+        raise TypeError(f"expected a pickled torch.nn.Module, got {obj!r}")
+    out: dict[str, torch.Tensor] = {}
+    _collect_state(obj, prefix, out, active=set())
+    return out
+
+
+def _collect_state(module, prefix, out, active):
+    if id(module) in active:
+        raise TypeError(f"cyclic module structure at {prefix!r}")
+    active.add(id(module))
+    state = module.__dict__
+    non_persistent = state.get("_non_persistent_buffers_set") or set()
+    tensors = list((state.get("_parameters") or {}).items())
+    tensors += [(k, v) for k, v in (state.get("_buffers") or {}).items() if k not in non_persistent]
+    for key, value in tensors:
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{prefix}{key} is a {type(value).__name__}, not a tensor")
+        out[f"{prefix}{key}"] = value.detach() if isinstance(value, nn.Parameter) else value
+    for key, child in (state.get("_modules") or {}).items():
+        if child is None:
+            continue
+        if not isinstance(child, LegacyObject):
+            raise TypeError(f"submodule {prefix}{key} is a {type(child).__name__}, not a pickled module")
+        _collect_state(child, f"{prefix}{key}.", out, active)
+    active.discard(id(module))
