@@ -230,8 +230,10 @@ def split_inputs_and_labels(X, y=None, *, name="X"):
         lab = None
         if isinstance(src, tuple) and len(src) == 2 and not isinstance(src[0], (int, float)):
             src, lab = src
-        if isinstance(src, str):
-            raise TypeError(f"{name}[{task!r}] is a string; expected a DataLoader, Dataset, Tensor or ndarray")
+        if isinstance(src, (str, bytes, Mapping)):
+            raise TypeError(
+                f"{name}[{task!r}] is a {type(src).__name__}; expected a DataLoader, Dataset, Tensor or ndarray"
+            )
         if (
             not isinstance(src, (torch.Tensor, np.ndarray, Dataset, DataLoader))
             and not (hasattr(src, "__getitem__") and hasattr(src, "__len__"))

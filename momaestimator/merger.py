@@ -18,11 +18,12 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _validation as V
 from ._io import atomic_write
-from .data import iter_task_batches, materialize_inputs, split_inputs_and_labels
+from .data import materialize_inputs, split_inputs_and_labels
 from .merging.fit import FitConfig, HeadSpec, fit_moma, merged_state, teacher_targets
 from .merging.functional import absorb_heads, clone_with_state, encode, structure_copy
 from .merging.task_arithmetic import multitask_vector
 from .merging.task_vectors import as_state_dict
+from .metrics import accuracy_per_task
 from .models import MergedModel
 
 __all__ = ["MOMAMerger"]
@@ -237,7 +238,15 @@ class MOMAMerger(BaseEstimator):
     def _check_fit_data(self, X, tasks, device, dtype):
         sources, _ = split_inputs_and_labels(X, None)
         V.check_same_tasks(finetuned_encoders=dict.fromkeys(tasks), X=sources)
-        return {t: materialize_inputs(sources[t], task=t, dtype=dtype, device=device) for t in tasks}
+        x = {t: materialize_inputs(sources[t], task=t, dtype=dtype, device=device) for t in tasks}
+        ref = tasks[0]
+        for t in tasks[1:]:
+            if x[t].shape[1:] != x[ref].shape[1:]:
+                raise ValueError(
+                    f"X[{t!r}] has samples of shape {tuple(x[t].shape[1:])}, X[{ref!r}] of shape "
+                    f"{tuple(x[ref].shape[1:])}: every task's inputs must fit the one encoder"
+                )
+        return x
 
     # ------------------------------------------------------------------ fit
     def fit(self, X, y=None):
@@ -336,8 +345,12 @@ class MOMAMerger(BaseEstimator):
 
     @staticmethod
     def _feature_dim(skeleton, theta0, x):
-        with torch.no_grad():
-            z = encode(skeleton, theta0, x[:1])
+        try:
+            with torch.no_grad():
+                z = encode(skeleton, theta0, x[:1])
+        except RuntimeError as exc:
+            shape = tuple(x.shape[1:])
+            raise ValueError(f"the encoder cannot take inputs of shape {shape} per sample ({exc})") from exc
         if z.ndim != 2:
             raise ValueError(f"the encoder must return (batch, features), got shape {tuple(z.shape)}")
         return int(z.shape[1])
@@ -443,8 +456,7 @@ class MOMAMerger(BaseEstimator):
                 and not isinstance(sources[t], tuple)
             ):
                 raise ValueError(f"task {t!r}: {len(lab)} labels for {len(sources[t])} inputs")
-        model = self.transform().to(device)
-        return {t: _accuracy(model, t, sources[t], labels[t], device) for t in self.tasks_ if t in sources}
+        return accuracy_per_task(self.transform().to(device), X, y, device=device, tasks=self.tasks_)
 
     def score(self, X, y=None) -> float:
         """Mean over tasks of the absorbed model's top-1 accuracy (unweighted).
@@ -524,25 +536,3 @@ class MOMAMerger(BaseEstimator):
             setattr(merger, k, v)
         merger.mask_ = mask
         return merger
-
-
-@torch.no_grad()
-def _accuracy(model, task, source, labels, device) -> float:
-    correct = total = 0
-    for x, y in iter_task_batches(source, labels, task=task):
-        if y is None:
-            raise ValueError(f"task {task!r} has no labels: pass (inputs, labels), a labelled loader, or y")
-        x = x.to(device)
-        if not x.is_floating_point():
-            x = x.float()
-        if not torch.isfinite(x).all():
-            raise ValueError(f"X[{task!r}] contains NaN or infinite values")
-        pred = model(x.to(next(model.parameters()).dtype), task).argmax(-1).cpu()
-        y = torch.as_tensor(np.asarray(y)).long()
-        if len(y) != len(pred):
-            raise ValueError(f"task {task!r}: {len(y)} labels for {len(pred)} inputs")
-        correct += int((pred == y).sum())
-        total += len(y)
-    if total == 0:
-        raise ValueError(f"X[{task!r}] is empty: nothing to score")
-    return correct / total

@@ -7,7 +7,7 @@ the original heads.
 """
 
 from .adaptive import AdaMerging, HeadFineTuning, ProcrustesAlignment, RepresentationSurgery, SurgeryModel
-from .base import MergerBase, accuracy_per_task, count_parameters
+from .base import MergerBase, count_parameters
 from .static import IndividualExperts, MultiEncoderModel, PretrainedHeads, TaskArithmetic, TiesMerging, WeightAveraging
 
 __all__ = [
@@ -23,6 +23,5 @@ __all__ = [
     "TaskArithmetic",
     "TiesMerging",
     "WeightAveraging",
-    "accuracy_per_task",
     "count_parameters",
 ]

@@ -14,12 +14,13 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.utils.validation import check_is_fitted
 
 from .. import _validation as V
-from ..data import iter_task_batches, materialize_inputs, split_inputs_and_labels
+from ..data import materialize_inputs, split_inputs_and_labels
 from ..merging.fit import HeadSpec, teacher_targets
 from ..merging.functional import structure_copy
 from ..merging.task_vectors import as_state_dict
+from ..metrics import accuracy_per_task
 
-__all__ = ["MergerBase", "accuracy_per_task", "count_parameters"]
+__all__ = ["MergerBase", "count_parameters"]
 
 MODULE_PARAMS = ("pretrained_encoder", "finetuned_encoders", "heads")
 
@@ -34,51 +35,6 @@ def count_parameters(module) -> int:
     8
     """
     return sum(p.numel() for p in module.parameters())
-
-
-@torch.no_grad()
-def accuracy_per_task(model, X, y=None, *, device="cpu", tasks=None) -> dict[str, float]:
-    """Top-1 accuracy of ``model(x, task)`` on labelled per-task data.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Called as ``model(x, task)``; returns logits.
-    X, y
-        Labelled inputs per task (see :meth:`momaestimator.MOMAMerger.score_per_task`).
-    device : str or torch.device, default="cpu"
-    tasks : list of str, optional
-        Tasks the model serves; other tasks in ``X`` raise ``ValueError``.
-
-    Returns
-    -------
-    dict of str to float
-    """
-    sources, labels = split_inputs_and_labels(X, y)
-    if tasks is not None:
-        unknown = [t for t in sources if t not in tasks]
-        if unknown:
-            raise ValueError(f"X names tasks {unknown} the model does not serve; known: {list(tasks)}")
-    dtype = next(model.parameters()).dtype
-    out = {}
-    for task, source in sources.items():
-        correct = total = 0
-        for x, lab in iter_task_batches(source, labels[task], task=task):
-            if lab is None:
-                raise ValueError(f"task {task!r} has no labels: pass (inputs, labels), a labelled loader, or y")
-            x = x.to(device=device, dtype=dtype if x.is_floating_point() else torch.float32)
-            if not torch.isfinite(x).all():
-                raise ValueError(f"X[{task!r}] contains NaN or infinite values")
-            pred = model(x, task).argmax(-1).cpu()
-            lab = torch.as_tensor(np.asarray(lab)).long()
-            if len(lab) != len(pred):
-                raise ValueError(f"task {task!r}: {len(lab)} labels for {len(pred)} inputs")
-            correct += int((pred == lab).sum())
-            total += len(lab)
-        if total == 0:
-            raise ValueError(f"X[{task!r}] is empty: nothing to score")
-        out[task] = correct / total
-    return out
 
 
 class MergerBase(BaseEstimator):

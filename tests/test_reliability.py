@@ -1,0 +1,163 @@
+"""Faults and interruptions: nothing half-written, nothing mutated, only clear errors escape."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import momaestimator.merging.fit as fit_module
+from conftest import fingerprint_all
+from momaestimator import MOMAMerger, toy
+
+
+@pytest.fixture()
+def fitted(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    return MOMAMerger(pre, experts, heads, n_steps=4, sparsity=0.2, random_state=0).fit(unlabeled)
+
+
+def test_non_finite_loss_stops_fit_and_leaves_estimator_unfitted(problem, unlabeled, fitted, monkeypatch):
+    real = fit_module.OBJECTIVES["kl"]
+
+    def nan_after_two(student, teacher, *a, _calls=[0]):
+        _calls[0] += 1
+        loss = real[0](student, teacher, *a)
+        return loss * float("nan") if _calls[0] > 6 else loss
+
+    monkeypatch.setitem(fit_module.OBJECTIVES, "kl", (nan_after_two, real[1], real[2]))
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+"):
+        fitted.set_params(n_steps=10, validation_fraction=0.0).fit(unlabeled)
+    for attr in ("mask_", "rotations_", "history_", "n_iter_", "tasks_"):
+        assert not hasattr(fitted, attr), attr
+
+
+def test_keyboard_interrupt_keeps_the_best_state_so_far(problem, unlabeled, monkeypatch):
+    pre, experts, heads, _ = problem
+    real = fit_module.train_step
+
+    def interrupt_at_7(ctx, batches, step):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real(ctx, batches, step)
+
+    monkeypatch.setattr(fit_module, "train_step", interrupt_at_7)
+    merger = MOMAMerger(pre, experts, heads, n_steps=50, eval_every=2, sparsity=0.2, random_state=0)
+    with pytest.warns(RuntimeWarning, match="fit interrupted at step 6"):
+        merger.fit(unlabeled)
+    assert merger.interrupted_ and merger.n_iter_ == 6 and len(merger.history_) == 6
+    assert merger.best_step_ in (0, 2, 4, 6)
+    n_total = sum(m.numel() for m in merger.mask_.values())
+    assert sum(int((~m).sum()) for m in merger.mask_.values()) == round(0.2 * n_total)
+    merger.transform()  # fully usable
+
+
+def test_keyboard_interrupt_before_any_step_propagates_and_leaves_unfitted(problem, unlabeled, monkeypatch):
+    pre, experts, heads, _ = problem
+
+    def interrupt(ctx, batches, step):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit_module, "train_step", interrupt)
+    merger = MOMAMerger(pre, experts, heads, n_steps=5)
+    with pytest.raises(KeyboardInterrupt):
+        merger.fit(unlabeled)
+    assert not hasattr(merger, "mask_")
+
+
+def test_failed_save_leaves_the_previous_file_intact(fitted, tmp_path, monkeypatch):
+    import joblib
+
+    path = tmp_path / "merger.joblib"
+    fitted.save(path)
+    before = path.read_bytes()
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(joblib, "dump", crash)
+    with pytest.raises(OSError, match="disk full"):
+        fitted.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["merger.joblib"]
+
+
+def test_loading_a_truncated_file_names_the_file(fitted, problem, tmp_path):
+    pre, experts, heads, _ = problem
+    path = tmp_path / "merger.joblib"
+    fitted.save(path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"merger\.joblib.*truncated"):
+        MOMAMerger.load(path, pre, experts, heads)
+
+
+def test_loading_with_mismatched_models_names_the_problem(fitted, tmp_path):
+    path = tmp_path / "merger.joblib"
+    fitted.save(path)
+    pre2, experts2, heads2, _ = toy.make_problem(n_tasks=2, random_state=5)
+    with pytest.raises(ValueError, match=r"fitted on tasks \['task0', 'task1', 'task2'\]"):
+        MOMAMerger.load(path, pre2, experts2, heads2)
+    pre3, experts3, heads3, _ = toy.make_problem(n_tasks=3, output_dim=6, random_state=5)
+    with pytest.raises(ValueError, match="does not match the pretrained encoder"):
+        MOMAMerger.load(path, pre3, experts3, heads3)
+
+
+def test_same_random_state_is_deterministic_across_runs(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    runs = [MOMAMerger(pre, experts, heads, n_steps=6, sparsity=0.3, random_state=11).fit(unlabeled) for _ in "ab"]
+    assert all(torch.equal(runs[0].mask_[k], runs[1].mask_[k]) for k in runs[0].mask_)
+    assert all(torch.equal(runs[0].rotations_[t], runs[1].rotations_[t]) for t in runs[0].rotations_)
+    assert [h["loss"] for h in runs[0].history_] == [h["loss"] for h in runs[1].history_]
+
+
+# ---------------------------------------------------------------- fuzz: only clear errors come out
+_TASKS = ["task0", "task1", "task2"]
+
+
+def _value(kind, n, rng):
+    return {
+        "ok": lambda: torch.from_numpy(rng.standard_normal((max(n, 1), 3, 8, 8)).astype(np.float32)),
+        "empty": lambda: torch.zeros(0, 3, 8, 8),
+        "nan": lambda: torch.full((max(n, 1), 3, 8, 8), float("nan")),
+        "wrong_channels": lambda: torch.zeros(max(n, 1), 1, 8, 8),
+        "wrong_size": lambda: torch.zeros(max(n, 1), 3, 5, 5),
+        "flat": lambda: torch.zeros(max(n, 1), 192),
+        "string": lambda: "images/",
+        "none": lambda: None,
+        "int_list": lambda: [1, 2, 3],
+        "object_array": lambda: np.array([object()] * max(n, 1)),
+        "nested_dict": lambda: {"x": 1},
+    }[kind]()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    keys=st.lists(st.sampled_from([*_TASKS, "other", 0]), min_size=0, max_size=4, unique=True),
+    kinds=st.lists(st.sampled_from(["ok", "ok", "empty", "nan", "wrong_channels", "wrong_size", "flat", "string",
+                                    "none", "int_list", "object_array", "nested_dict"]), min_size=4, max_size=4),
+    n=st.integers(0, 5),
+    labels=st.sampled_from(["none", "short", "ok"]),
+    seed=st.integers(0, 10),
+)
+def test_fuzzed_inputs_raise_only_value_or_type_errors_with_a_message(problem, fitted, keys, kinds, n, labels, seed):
+    pre, experts, heads, _ = problem
+    before = fingerprint_all(pre, experts, heads)
+    rng = np.random.default_rng(seed)
+    X = {k: _value(kind, n, rng) for k, kind in zip(keys, kinds)}
+    merger = MOMAMerger(pre, experts, heads, n_steps=1, random_state=0)
+    for call in ("fit", "score"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if call == "fit":
+                    merger.fit(X)
+                else:
+                    y = None
+                    if labels != "none" and all(isinstance(v, torch.Tensor) for v in X.values()):
+                        y = {k: np.zeros(len(v) - (labels == "short"), dtype=int) for k, v in X.items()}
+                    fitted.score(X, y)
+        except (ValueError, TypeError) as exc:
+            assert str(exc), f"{type(exc).__name__} without a message"
+    assert fingerprint_all(pre, experts, heads) == before
