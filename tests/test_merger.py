@@ -237,3 +237,13 @@ def test_save_load_gives_bit_identical_merged_weights(problem, unlabeled, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert loaded.sparsity == 0.25 and loaded.tasks_ == merger.tasks_
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_bf16_autocast_on_cpu_keeps_fp32_mask_scores_and_rotations(problem, unlabeled):
+    pre, experts, heads, data = problem
+    m = MOMAMerger(pre, experts, heads, n_steps=5, precision="bf16", sparsity=0.2, random_state=0).fit(unlabeled)
+    assert all(q.dtype == torch.float32 for q in m.rotations_.values())
+    assert all(torch.allclose(q @ q.T, torch.eye(8), atol=1e-5) for q in m.rotations_.values())
+    n_total = sum(v.numel() for v in m.mask_.values())
+    assert sum(int((~v).sum()) for v in m.mask_.values()) == round(0.2 * n_total)
+    assert m.transform().encoder.proj.dtype == torch.float32
