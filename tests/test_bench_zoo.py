@@ -17,11 +17,11 @@ TASKS = ["digits", "faces"]
 def _require_sources():
     missing = [t for t in TASKS if t not in available_tasks()]
     if missing:
-        pytest.skip(f"task sources not installed: {missing}")
+        pytest.fail(f"task sources not installed: {missing}; run scripts/setup.sh test")
     try:
         load_generic_pool(n=10)
     except RuntimeError as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(str(exc))
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,85 @@
+"""The benchmark runner: every method's fit/transform/score path on a quick zoo, the report schema, the CLI."""
+
+import json
+
+import pytest
+
+from momaestimator.bench.__main__ import main
+from momaestimator.bench.methods import METHODS
+from momaestimator.bench.report import format_table, write_report
+from momaestimator.bench.run import few_shot_indices, run_benchmark
+from momaestimator.bench.zoo import build_zoo, quick_config
+
+TASKS = ["digits", "faces"]
+METHOD_KEYS = {"per_task", "mean", "normalized_mean", "extra_params", "fit_seconds", "peak_memory_mb"}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return build_zoo(TASKS, seed=0, config=quick_config(), cache_dir=tmp_path_factory.mktemp("zoo"), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def report(zoo):
+    return run_benchmark(zoo, seeds=(0, 1), n_steps=3, samples_per_class=3, log=lambda *a: None)
+
+
+def test_every_method_runs_and_the_report_has_the_documented_schema(report):
+    assert set(report) >= {"protocol", "tasks", "regime", "methods"}
+    assert report["tasks"] == TASKS
+    assert set(report["regime"]) >= {"pretrained", "task_arithmetic", "lambda", "individual", "recovered_fraction"}
+    assert list(report["methods"]) == list(METHODS)
+    for name, row in report["methods"].items():
+        assert METHOD_KEYS <= set(row), name
+        assert set(row["per_task"]) == set(TASKS)
+        assert all(0 <= v <= 100 for v in row["per_task"].values())
+        assert row["mean"] == pytest.approx(sum(row["per_task"].values()) / len(TASKS))
+        assert set(row["std"]) >= {"mean", "normalized_mean"}  # two seeds: mean ± std
+    assert report["methods"]["individual"]["normalized_mean"] == pytest.approx(100.0)
+    assert report["methods"]["surgery"]["extra_params"] > 0
+    zero = [m for m in METHODS if m not in ("individual", "surgery")]
+    assert all(report["methods"][m]["extra_params"] == 0 for m in zero)
+    assert report["protocol"]["transductive"] is False and report["protocol"]["samples_per_class"] == 3
+
+
+def test_regime_numbers_are_the_rows_of_the_table(report):
+    g, m = report["regime"], report["methods"]
+    assert g["pretrained"] == pytest.approx(m["pretrained"]["mean"])
+    assert g["individual"] == pytest.approx(m["individual"]["mean"])
+    gap = g["individual"] - g["pretrained"]
+    assert g["recovered_fraction"] == pytest.approx((g["task_arithmetic"] - g["pretrained"]) / gap)
+
+
+def test_write_report_produces_markdown_json_and_plots(report, tmp_path):
+    paths = write_report(report, tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["tasks"] == TASKS
+    md = (tmp_path / "report.md").read_text()
+    assert "MOMA (TA base)" in md and "recovers" in md
+    for key in ("per_task_png", "loss_png"):
+        with open(paths[key], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert format_table(report).count("\n") == len(METHODS) + 1
+
+
+def test_transductive_protocol_fits_on_test_inputs(zoo):
+    rep = run_benchmark(zoo, methods=["moma"], n_steps=2, transductive=True, analysis=False, log=lambda *a: None)
+    assert rep["protocol"]["transductive"] is True and "test" in rep["protocol"]["fit_data"]
+
+
+def test_few_shot_sample_is_class_balanced_and_seeded():
+    import torch
+
+    y = torch.tensor([0] * 10 + [1] * 10 + [2] * 3)
+    idx = few_shot_indices(y, 4, seed=0)
+    assert sorted(y[idx].tolist()) == [0] * 4 + [1] * 4 + [2] * 3
+    assert (few_shot_indices(y, 4, seed=0) == idx).all() and not (few_shot_indices(y, 4, seed=1) == idx).all()
+
+
+def test_cli_quick_run_writes_the_report(tmp_path, capsys):
+    rc = main(["--quick", "--tasks", *TASKS, "--methods", "pretrained", "task_arithmetic", "moma", "--n-steps", "2",
+               "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--no-analysis"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "regime:" in out and "MOMA (TA base)" in out
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["methods"].keys() == {
+        "pretrained", "task_arithmetic", "moma"}
