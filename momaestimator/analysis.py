@@ -216,6 +216,16 @@ def _task_row(task, head, feats, y, n_neighbors, ridge, threshold, max_distortio
 def mask_statistics(merger) -> list[dict]:
     """Per state-dict tensor of a fitted ``MOMAMerger``: entries and the fraction its mask keeps.
 
+    Parameters
+    ----------
+    merger : MOMAMerger
+        A fitted merger.
+
+    Returns
+    -------
+    list of dict
+        One row per tensor: ``tensor``, ``numel``, ``kept``, ``kept_fraction``.
+
     Examples
     --------
     >>> from momaestimator import MOMAMerger, toy
@@ -236,6 +246,17 @@ def mask_statistics(merger) -> list[dict]:
 
 def rotation_statistics(merger) -> list[dict]:
     """Per task of a fitted ``MOMAMerger``: distance of ``Q_t`` from the identity and its rotation angles.
+
+    Parameters
+    ----------
+    merger : MOMAMerger
+        A fitted merger.
+
+    Returns
+    -------
+    list of dict
+        One row per task: ``task``, ``frobenius_from_identity``, ``max_angle_deg``,
+        ``mean_angle_deg``.
 
     Examples
     --------
@@ -264,7 +285,28 @@ def rotation_statistics(merger) -> list[dict]:
 
 
 def plot_misalignment(rows, ax=None):
-    """Bar chart of the residuals (identity / Procrustes / linear) per task; returns the axes."""
+    """Bar chart of the residuals (identity / Procrustes / linear) per task; returns the axes.
+
+    Parameters
+    ----------
+    rows : list of dict
+        The output of :func:`misalignment_report`.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; a new figure when omitted.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+
+    Examples
+    --------
+    >>> from momaestimator import toy
+    >>> from momaestimator.analysis import misalignment_report, plot_misalignment
+    >>> pre, experts, heads, data = toy.make_problem(n_tasks=2)
+    >>> ax = plot_misalignment(misalignment_report(pre, experts, heads, data))
+    >>> [t.get_text() for t in ax.get_xticklabels()]
+    ['task0', 'task1']
+    """
     import matplotlib.pyplot as plt
 
     ax = ax or plt.subplots(figsize=(7, 3.5))[1]
@@ -279,7 +321,29 @@ def plot_misalignment(rows, ax=None):
 
 
 def plot_mask_statistics(merger, ax=None):
-    """Fraction of each tensor's entries the fitted mask keeps; returns the axes."""
+    """Fraction of each tensor's entries the fitted mask keeps; returns the axes.
+
+    Parameters
+    ----------
+    merger : MOMAMerger
+        A fitted merger.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; a new figure when omitted.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+
+    Examples
+    --------
+    >>> from momaestimator import MOMAMerger, toy
+    >>> from momaestimator.analysis import plot_mask_statistics
+    >>> pre, experts, heads, data = toy.make_problem(n_tasks=2)
+    >>> merger = MOMAMerger(pre, experts, heads, sparsity=0.3, n_steps=2, random_state=0).fit(data)
+    >>> ax = plot_mask_statistics(merger)
+    >>> len(ax.patches) == len(merger.mask_)
+    True
+    """
     import matplotlib.pyplot as plt
 
     stats = mask_statistics(merger)
@@ -291,7 +355,29 @@ def plot_mask_statistics(merger, ax=None):
 
 
 def plot_history(merger, ax=None):
-    """Fit loss (and held-out loss) of a fitted merger; returns the axes."""
+    """Fit loss (and held-out loss) of a fitted merger; returns the axes.
+
+    Parameters
+    ----------
+    merger : MOMAMerger
+        A fitted merger.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; a new figure when omitted.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+
+    Examples
+    --------
+    >>> from momaestimator import MOMAMerger, toy
+    >>> from momaestimator.analysis import plot_history
+    >>> pre, experts, heads, data = toy.make_problem(n_tasks=2)
+    >>> merger = MOMAMerger(pre, experts, heads, n_steps=20, random_state=0).fit(data)
+    >>> ax = plot_history(merger)
+    >>> [line.get_label() for line in ax.get_lines()]
+    ['fit', 'held-out']
+    """
     import matplotlib.pyplot as plt
 
     ax = ax or plt.subplots(figsize=(6, 3.5))[1]

@@ -90,6 +90,15 @@ class TaskSamples:
     def from_datasets(cls, datasets):
         """From ``{task: torch Dataset}`` whose items are ``x`` or ``(x, y)``.
 
+        Parameters
+        ----------
+        datasets : dict of str to torch.utils.data.Dataset
+            One map-style dataset per task; labels, when present, come from its items.
+
+        Returns
+        -------
+        TaskSamples
+
         Examples
         --------
         >>> import torch
@@ -108,6 +117,17 @@ class TaskSamples:
     @classmethod
     def from_arrays(cls, inputs, labels=None):
         """From ``{task: array or tensor of inputs}`` and optional ``{task: labels}``.
+
+        Parameters
+        ----------
+        inputs : dict of str to array-like or torch.Tensor
+            Per task, the inputs (first axis: samples). Arrays are kept as they are, not copied.
+        labels : dict of str to array-like, optional
+            Per task, one label per input; the same tasks as ``inputs``.
+
+        Returns
+        -------
+        TaskSamples
 
         Examples
         --------
@@ -139,10 +159,12 @@ class TaskSamples:
 
     @property
     def shape(self) -> tuple[int]:
+        """``(len(self),)``: one entry per (task, sample) pair, as scikit-learn expects."""
         return (len(self),)
 
     @property
     def ndim(self) -> int:
+        """Always 1."""
         return 1
 
     def __getitem__(self, key):
@@ -173,7 +195,19 @@ class TaskSamples:
         return _split_item(store[int(i)])
 
     def task_inputs(self, task: str, idx) -> torch.Tensor:
-        """Stacked inputs of ``task`` at storage indices ``idx``."""
+        """Stacked inputs of ``task`` at storage indices ``idx``.
+
+        Parameters
+        ----------
+        task : str
+            A task name.
+        idx : array-like of int
+            Indices into that task's storage (see :meth:`indices_by_task`).
+
+        Returns
+        -------
+        torch.Tensor
+        """
         store = self._storage[task]
         if isinstance(store, np.ndarray):
             return torch.from_numpy(np.ascontiguousarray(store[idx]))
@@ -182,7 +216,19 @@ class TaskSamples:
         return torch.stack([_to_tensor(self._item(task, i)[0], what=f"task {task!r} item {i}") for i in idx])
 
     def task_labels(self, task: str, idx):
-        """Labels of ``task`` at storage indices ``idx``, or ``None`` when the data has none."""
+        """Labels of ``task`` at storage indices ``idx``, or ``None`` when the data has none.
+
+        Parameters
+        ----------
+        task : str
+            A task name.
+        idx : array-like of int
+            Indices into that task's storage.
+
+        Returns
+        -------
+        numpy.ndarray or None
+        """
         store = self._storage[task]
         if isinstance(store, (np.ndarray, torch.Tensor)):
             return np.asarray(self._labels[task])[idx] if task in self._labels else None
@@ -207,6 +253,29 @@ def split_inputs_and_labels(X, y=None, *, name="X"):
 
     A source is something :func:`iter_task_batches` can read: a tensor/array, a Dataset, a DataLoader,
     or a ``(TaskSamples, indices)`` pair.
+
+    Parameters
+    ----------
+    X : dict or TaskSamples
+        ``{task: DataLoader | Dataset | Tensor | ndarray}``, ``{task: (inputs, labels)}``, or a
+        :class:`TaskSamples`.
+    y : dict of str to array-like, or array-like, optional
+        Labels not carried by ``X``: ``{task: labels}`` for a dict, an array aligned with a
+        :class:`TaskSamples`.
+    name : str, default="X"
+        How error messages call ``X``.
+
+    Returns
+    -------
+    sources : dict of str to object
+    labels : dict of str to numpy.ndarray or None
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> sources, labels = split_inputs_and_labels({"a": (np.zeros((2, 3)), [0, 1]), "b": np.ones((1, 3))})
+    >>> sorted(sources), labels["a"].tolist(), labels["b"]
+    (['a', 'b'], [0, 1], None)
     """
     if isinstance(X, TaskSamples):
         sources, labels = {}, {}
@@ -250,7 +319,32 @@ def split_inputs_and_labels(X, y=None, *, name="X"):
 
 
 def iter_task_batches(source, labels=None, *, batch_size=256, task="?"):
-    """Yield ``(x, y)`` batches (``y`` may be ``None``) from one task's source."""
+    """Yield ``(x, y)`` batches (``y`` may be ``None``) from one task's source.
+
+    Parameters
+    ----------
+    source : object
+        A tensor or array, a Dataset, a DataLoader (its own batching is kept) or a
+        ``(TaskSamples, indices)`` pair, as returned by :func:`split_inputs_and_labels`.
+    labels : array-like, optional
+        Labels aligned with ``source``, overriding any the source carries.
+    batch_size : int, default=256
+        Batch size for tensors, arrays, datasets and ``TaskSamples``.
+    task : str, default="?"
+        The task name, for error messages and ``TaskSamples`` look-ups.
+
+    Yields
+    ------
+    x : torch.Tensor
+    y : numpy.ndarray or None
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> labels = np.array([0, 1, 0, 1, 0])
+    >>> [(x.shape[0], y.tolist()) for x, y in iter_task_batches(torch.zeros(5, 2), labels, batch_size=3)]
+    [(3, [0, 1, 0]), (2, [1, 0])]
+    """
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], TaskSamples):
         ts, idx = source
         for i in range(0, len(idx), batch_size):
@@ -288,7 +382,34 @@ def iter_task_batches(source, labels=None, *, batch_size=256, task="?"):
 
 
 def materialize_inputs(source, *, task: str, dtype=None, device=None) -> torch.Tensor:
-    """All inputs of one task as one tensor (fit data is small: a few samples per class)."""
+    """All inputs of one task as one tensor (fit data is small: a few samples per class).
+
+    Parameters
+    ----------
+    source : object
+        Anything :func:`iter_task_batches` reads.
+    task : str
+        The task name, for error messages.
+    dtype : torch.dtype, optional
+        Convert to this dtype (integer inputs become float32 otherwise).
+    device : str or torch.device, optional
+        Move to this device.
+
+    Returns
+    -------
+    torch.Tensor
+
+    Raises
+    ------
+    ValueError
+        If the source is empty or holds NaN or infinite values.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> materialize_inputs(np.zeros((3, 2), dtype=np.uint8), task="a").dtype
+    torch.float32
+    """
     parts = [x for x, _ in iter_task_batches(source, task=task)]
     if not parts:
         raise ValueError(f"X[{task!r}] is empty: fit needs at least one unlabeled sample per task")

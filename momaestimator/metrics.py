@@ -86,6 +86,15 @@ def accuracy_per_task(model, X, y=None, *, device="cpu", tasks=None) -> dict[str
     Returns
     -------
     dict of str to float
+
+    Examples
+    --------
+    >>> import torch
+    >>> from momaestimator import LinearHead, MergedModel
+    >>> from momaestimator.metrics import accuracy_per_task
+    >>> model = MergedModel(torch.nn.Identity(), {"a": LinearHead(torch.eye(2), normalize=False)})
+    >>> accuracy_per_task(model, {"a": (torch.tensor([[1.0, 0.0], [0.0, 1.0]]), [0, 0])})
+    {'a': 0.5}
     """
     sources, labels = split_inputs_and_labels(X, y)
     if tasks is not None:

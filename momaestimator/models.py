@@ -48,13 +48,26 @@ class LinearHead(nn.Module):
 
     @property
     def in_features(self) -> int:
+        """Number of input features ``n_features`` (columns of ``weight``)."""
         return self.weight.shape[1]
 
     @property
     def out_features(self) -> int:
+        """Number of classes ``n_classes`` (rows of ``weight``)."""
         return self.weight.shape[0]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits of a batch of features.
+
+        Parameters
+        ----------
+        features : torch.Tensor of shape (batch, n_features)
+            Encoder outputs; L2-normalised here first when ``normalize`` is true.
+
+        Returns
+        -------
+        torch.Tensor of shape (batch, n_classes)
+        """
         if self.normalize:
             features = features / features.norm(dim=-1, keepdim=True)
         return nn.functional.linear(features, self.weight, self.bias)
@@ -93,9 +106,23 @@ class MergedModel(nn.Module):
 
     @property
     def tasks(self) -> list[str]:
+        """The task names this model serves, in order."""
         return list(self.heads.keys())
 
     def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        """Logits of ``task``'s head on the merged encoder's features of ``x``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            A batch of encoder inputs (e.g. images).
+        task : str
+            Which head to apply; one of :attr:`tasks`.
+
+        Returns
+        -------
+        torch.Tensor of shape (batch, n_classes of ``task``)
+        """
         if task not in self.heads:
             raise KeyError(f"unknown task {task!r}; this model serves {self.tasks}")
         return self.heads[task](self.encoder(x))

@@ -22,6 +22,28 @@ __all__ = ["count_parameters", "make_problem", "make_tower"]
 def make_tower(*, image_size=8, patch_size=4, width=16, layers=1, heads=2, output_dim=8, random_state=0):
     """A tiny open_clip ``VisionTransformer`` image tower with seeded random weights.
 
+    Parameters
+    ----------
+    image_size : int, default=8
+        Input images are ``(3, image_size, image_size)``.
+    patch_size : int, default=4
+        Side of the square patches.
+    width : int, default=16
+        Transformer width.
+    layers : int, default=1
+        Number of residual attention blocks.
+    heads : int, default=2
+        Attention heads.
+    output_dim : int, default=8
+        Feature dimension of the output.
+    random_state : int, default=0
+        Seed of the weights (the global torch RNG is left untouched).
+
+    Returns
+    -------
+    open_clip.transformer.VisionTransformer
+        In eval mode.
+
     Examples
     --------
     >>> import torch
@@ -43,6 +65,17 @@ def make_tower(*, image_size=8, patch_size=4, width=16, layers=1, heads=2, outpu
 
 def count_parameters(encoder: nn.Module, heads) -> int:
     """Parameters of one encoder plus the heads (what a zero-overhead merge must return).
+
+    Parameters
+    ----------
+    encoder : torch.nn.Module
+        One encoder.
+    heads : dict of str to torch.nn.Module, or list
+        The heads.
+
+    Returns
+    -------
+    int
 
     Examples
     --------

@@ -1,11 +1,15 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import hashlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Tiny models: one thread is as fast and avoids oversubscription on shared CI machines.
+torch.set_num_threads(1)
 
 from momaestimator import toy  # noqa: E402
 

@@ -76,10 +76,29 @@ def test_few_shot_sample_is_class_balanced_and_seeded():
 
 
 def test_cli_quick_run_writes_the_report(tmp_path, capsys):
-    rc = main(["--quick", "--tasks", *TASKS, "--methods", "pretrained", "task_arithmetic", "moma", "--n-steps", "2",
-               "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--no-analysis"])
+    rc = main(
+        [
+            "--quick",
+            "--tasks",
+            *TASKS,
+            "--methods",
+            "pretrained",
+            "task_arithmetic",
+            "moma",
+            "--n-steps",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--no-analysis",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "regime:" in out and "MOMA (TA base)" in out
     assert json.loads((tmp_path / "out" / "report.json").read_text())["methods"].keys() == {
-        "pretrained", "task_arithmetic", "moma"}
+        "pretrained",
+        "task_arithmetic",
+        "moma",
+    }

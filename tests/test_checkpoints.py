@@ -147,9 +147,7 @@ def test_whole_object_pickle_and_state_dict_of_the_same_encoder_agree():
 
 
 def test_tasks_match_case_insensitively_with_aliases_and_keep_the_requested_order():
-    _, finetuned, heads = load_task_vectors_release(
-        TV_ROOT, TINY, ["mnist", "stanford_cars"], model_cfg=TINY_CFG
-    )
+    _, finetuned, heads = load_task_vectors_release(TV_ROOT, TINY, ["mnist", "stanford_cars"], model_cfg=TINY_CFG)
     assert list(finetuned) == ["MNIST", "Cars"] and list(heads) == ["MNIST", "Cars"]
     assert canonical_task_name("SUN397") == canonical_task_name("sun-397") == "SUN397"
     assert canonical_task_name("oxford_pets") == "OxfordIIITPet"
@@ -177,9 +175,7 @@ def test_tall_masks_task_lists_are_prefixes_of_the_release_order():
 
 def test_tall_masks_zeroshot_is_found_in_any_task_folder(tmp_path, reference):
     root = _copy_release(TALL_ROOT, tmp_path)
-    shutil.move(
-        root / TINY / "MNISTVal" / "nonlinear_zeroshot.pt", root / TINY / "DTDVal" / "nonlinear_zeroshot.pt"
-    )
+    shutil.move(root / TINY / "MNISTVal" / "nonlinear_zeroshot.pt", root / TINY / "DTDVal" / "nonlinear_zeroshot.pt")
     pretrained, _, _ = load_tall_masks_release(root, TINY, ["cars"], model_cfg=TINY_CFG)
     with torch.no_grad():
         torch.testing.assert_close(pretrained(reference["inputs"]), reference["features"]["pretrained"])
@@ -191,9 +187,7 @@ def test_unknown_model_folder_lists_the_available_ones():
 
 
 def test_quick_gelu_can_be_overridden():
-    pretrained, _, _ = load_task_vectors_release(
-        TV_ROOT, TINY, ["MNIST"], model_cfg=TINY_CFG, quick_gelu=False
-    )
+    pretrained, _, _ = load_task_vectors_release(TV_ROOT, TINY, ["MNIST"], model_cfg=TINY_CFG, quick_gelu=False)
     assert isinstance(pretrained.transformer.resblocks[0].mlp.gelu, nn.GELU)
 
 
@@ -341,9 +335,7 @@ def test_unpickling_errors_are_also_pickle_errors():
 
 def test_classes_of_known_namespaces_stay_inert_even_when_called(tmp_path):
     # A pickle calling open_clip's downloader gets an inert stand-in back: no code of it runs.
-    obj = loads_restricted(
-        b"copen_clip.pretrained\ndownload_pretrained_from_url\n(Vhttp://example.invalid\ntR."
-    )
+    obj = loads_restricted(b"copen_clip.pretrained\ndownload_pretrained_from_url\n(Vhttp://example.invalid\ntR.")
     assert isinstance(obj, LegacyObject)
     assert obj._legacy_args == ("http://example.invalid",)
 
@@ -523,10 +515,7 @@ def test_merge_command_on_a_task_vectors_release_with_npz_data(tmp_path, capsys)
     npz = tmp_path / "data.npz"
     np.savez(
         npz,
-        **{
-            name: rng.standard_normal((6, 3, 32, 32)).astype(np.float32)
-            for name in ("sun397", "cars", "mnist")
-        },
+        **{name: rng.standard_normal((6, 3, 32, 32)).astype(np.float32) for name in ("sun397", "cars", "mnist")},
     )
     args = ["merge", "--release", "task_vectors", "--root", str(TV_ROOT), "--model", TINY]
     args += ["--model-config", str(FIXTURES / "tiny-ViT.json"), "--tasks", *TV_TASKS, "--data", str(npz)]
@@ -622,9 +611,7 @@ def vit_b_32_release(tmp_path_factory):
             (root / "ViT-B-32" / task).mkdir()
             torch.save(encoder, root / "ViT-B-32" / task / "finetuned.pt")
             digests[task] = _tensor_digest(encoder.model.visual.state_dict())
-            head = modeling.ClassificationHead(
-                True, nn.functional.normalize(torch.randn(5, 512), dim=-1) * 100
-            )
+            head = modeling.ClassificationHead(True, nn.functional.normalize(torch.randn(5, 512), dim=-1) * 100)
             torch.save(head, root / "ViT-B-32" / f"head_{task}.pt")
     return root, digests
 
@@ -649,9 +636,7 @@ def test_merger_fits_on_the_vit_b_32_release_and_its_merged_model_round_trips(vi
     pretrained, finetuned, heads = load_task_vectors_release(vit_b_32_release[0], "ViT-B-32")
     generator = torch.Generator().manual_seed(0)
     data = {t: torch.randn(2, 3, 224, 224, generator=generator) for t in TASK_VECTORS_TASKS}
-    merger = MOMAMerger(
-        pretrained, finetuned, heads, n_steps=1, batch_size=1, validation_fraction=0.0, random_state=0
-    )
+    merger = MOMAMerger(pretrained, finetuned, heads, n_steps=1, batch_size=1, validation_fraction=0.0, random_state=0)
     merged = merger.fit(data).transform()
     assert merger.n_iter_ == 1
     out = save_merged_model(merged, tmp_path / "merged", architecture="ViT-B-32")

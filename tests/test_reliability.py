@@ -5,11 +5,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import fingerprint_all
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import momaestimator.merging.fit as fit_module
-from conftest import fingerprint_all
 from momaestimator import MOMAMerger, toy
 
 
@@ -22,12 +22,14 @@ def fitted(problem, unlabeled):
 def test_non_finite_loss_stops_fit_and_leaves_estimator_unfitted(problem, unlabeled, fitted, monkeypatch):
     real = fit_module.OBJECTIVES["kl"]
 
-    def nan_after_two(student, teacher, *a, _calls=[0]):
-        _calls[0] += 1
-        loss = real[0](student, teacher, *a)
-        return loss * float("nan") if _calls[0] > 6 else loss
+    calls = [0]
 
-    monkeypatch.setitem(fit_module.OBJECTIVES, "kl", (nan_after_two, real[1], real[2]))
+    def nan_after_two_steps(student, teacher, *a):
+        calls[0] += 1  # one call per task and step: 3 tasks
+        loss = real[0](student, teacher, *a)
+        return loss * float("nan") if calls[0] > 6 else loss
+
+    monkeypatch.setitem(fit_module.OBJECTIVES, "kl", (nan_after_two_steps, real[1], real[2]))
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+"):
         fitted.set_params(n_steps=10, validation_fraction=0.0).fit(unlabeled)
     for attr in ("mask_", "rotations_", "history_", "n_iter_", "tasks_"):
@@ -135,8 +137,26 @@ def _value(kind, n, rng):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     keys=st.lists(st.sampled_from([*_TASKS, "other", 0]), min_size=0, max_size=4, unique=True),
-    kinds=st.lists(st.sampled_from(["ok", "ok", "empty", "nan", "wrong_channels", "wrong_size", "flat", "string",
-                                    "none", "int_list", "object_array", "nested_dict"]), min_size=4, max_size=4),
+    kinds=st.lists(
+        st.sampled_from(
+            [
+                "ok",
+                "ok",
+                "empty",
+                "nan",
+                "wrong_channels",
+                "wrong_size",
+                "flat",
+                "string",
+                "none",
+                "int_list",
+                "object_array",
+                "nested_dict",
+            ]
+        ),
+        min_size=4,
+        max_size=4,
+    ),
     n=st.integers(0, 5),
     labels=st.sampled_from(["none", "short", "ok"]),
     seed=st.integers(0, 10),

@@ -146,7 +146,8 @@ class AdaMerging(_DataMerger):
         V.check_number(self.init_scaling, "init_scaling", low=0.0)
         device, tasks, fts, heads, x, skeleton, theta0 = self._setup(X)
         keys = [k for k, v in theta0.items() if v.is_floating_point()]
-        taus = [{k: as_state_dict(fts[t])[k].to(device) - theta0[k] for k in keys} for t in tasks]
+        # per tensor, the T task vectors stacked: one tensordot per tensor and step
+        taus = {k: torch.stack([as_state_dict(fts[t])[k].to(device) - theta0[k] for t in tasks]) for k in keys}
         n_groups = 1 if self.granularity == "task" else len(keys)
         coef = torch.full((len(tasks), n_groups), float(self.init_scaling), device=device, requires_grad=True)
         specs = {t: head_spec(heads[t], device) for t in tasks}
@@ -178,7 +179,7 @@ class AdaMerging(_DataMerger):
         out = dict(theta0)
         for j, k in enumerate(keys):
             col = 0 if coef.shape[1] == 1 else j
-            out[k] = theta0[k] + sum(coef[i, col] * tau[k] for i, tau in enumerate(taus))
+            out[k] = theta0[k] + torch.tensordot(coef[:, col], taus[k], dims=1)
         return out
 
     def transform(self, X=None):
@@ -195,7 +196,7 @@ class AdaMerging(_DataMerger):
         check_is_fitted(self, "coefficients_")
         pre = as_state_dict(self.pretrained_encoder)
         fts = V.check_task_dict(self.finetuned_encoders, "finetuned_encoders")
-        taus = [{k: as_state_dict(fts[t])[k] - pre[k] for k in self.keys_} for t in self.tasks_]
+        taus = {k: torch.stack([as_state_dict(fts[t])[k] - pre[k] for t in self.tasks_]) for k in self.keys_}
         with torch.no_grad():
             theta = self._merge(pre, taus, self.coefficients_.to(next(iter(pre.values())).device), self.keys_)
         encoder = clone_with_state(self.pretrained_encoder, theta)
@@ -206,6 +207,28 @@ class SurgeryModel(nn.Module):
     """Merged encoder + per-task representation-surgery adapters + heads.
 
     ``forward(x, task) = head_t(z − up_t(ReLU(down_t(z))))`` with ``z`` the merged features.
+
+    Returned by :meth:`RepresentationSurgery.transform`; the adapters are extra inference
+    parameters (``extra_params_``).
+
+    Parameters
+    ----------
+    encoder : torch.nn.Module
+        The merged encoder.
+    adapters : dict of str to torch.nn.Module
+        One adapter per task, ``z ↦ up_t(ReLU(down_t(z)))``.
+    heads : dict of str to torch.nn.Module
+        One head per task.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from momaestimator.baselines import SurgeryModel
+    >>> zero = torch.nn.Linear(2, 2, bias=False)
+    >>> _ = torch.nn.init.zeros_(zero.weight)
+    >>> model = SurgeryModel(torch.nn.Identity(), {"a": zero}, {"a": torch.nn.Identity()})
+    >>> model(torch.ones(1, 2), "a")
+    tensor([[1., 1.]], grad_fn=<SubBackward0>)
     """
 
     def __init__(self, encoder, adapters, heads):
@@ -215,6 +238,19 @@ class SurgeryModel(nn.Module):
         self.heads = nn.ModuleDict(dict(heads))
 
     def forward(self, x, task):
+        """Logits of ``task``'s head on ``x``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            A batch of encoder inputs.
+        task : str
+            Which task's encoder/adapter and head to use.
+
+        Returns
+        -------
+        torch.Tensor
+        """
         z = self.encoder(x)
         return self.heads[task](z - self.adapters[task](z))
 

@@ -28,6 +28,14 @@ MODULE_PARAMS = ("pretrained_encoder", "finetuned_encoders", "heads")
 def count_parameters(module) -> int:
     """Number of parameters of a module (shared tensors counted once).
 
+    Parameters
+    ----------
+    module : torch.nn.Module
+
+    Returns
+    -------
+    int
+
     Examples
     --------
     >>> import torch
@@ -42,6 +50,15 @@ class MergerBase(BaseEstimator):
 
     Subclasses implement ``_fit(ctx)`` (set fitted attributes; ``ctx`` holds validated inputs) and
     ``transform()``.
+
+    Examples
+    --------
+    >>> from momaestimator import toy
+    >>> from momaestimator.baselines import MergerBase, TaskArithmetic
+    >>> pre, experts, heads, data = toy.make_problem(n_tasks=2)
+    >>> merger = TaskArithmetic(pre, experts, heads).fit()
+    >>> isinstance(merger, MergerBase), sorted(merger.score_per_task(data))
+    (True, ['task0', 'task1'])
     """
 
     def __sklearn_clone__(self):

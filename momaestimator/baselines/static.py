@@ -187,7 +187,25 @@ class TiesMerging(_StateMerger):
 
 
 class MultiEncoderModel(nn.Module):
-    """One encoder per task (the individual experts): ``forward(x, task)``."""
+    """One encoder per task (the individual experts): ``forward(x, task)``.
+
+    Returned by :meth:`IndividualExperts.transform`.
+
+    Parameters
+    ----------
+    encoders : dict of str to torch.nn.Module
+        One encoder per task.
+    heads : dict of str to torch.nn.Module
+        One head per task, same keys.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from momaestimator.baselines import MultiEncoderModel
+    >>> model = MultiEncoderModel({"a": torch.nn.Identity()}, {"a": torch.nn.Linear(2, 3)})
+    >>> model(torch.zeros(4, 2), "a").shape
+    torch.Size([4, 3])
+    """
 
     def __init__(self, encoders, heads):
         super().__init__()
@@ -195,6 +213,19 @@ class MultiEncoderModel(nn.Module):
         self.heads = nn.ModuleDict(dict(heads))
 
     def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        """Logits of ``task``'s head on ``x``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            A batch of encoder inputs.
+        task : str
+            Which task's encoder/adapter and head to use.
+
+        Returns
+        -------
+        torch.Tensor
+        """
         return self.heads[task](self.encoders[task](x))
 
 

@@ -3,6 +3,9 @@
 Every factory receives the zoo's models and the shared settings (base λ chosen on validation data,
 seed, device) and returns an unfitted estimator. Settings are each method's published default
 where there is one; the step counts are the benchmark's budget, the same for every learned method.
+Every method built on Task Arithmetic starts from the same validation-chosen λ — AdaMerging
+included (its coefficients start there instead of at the reference's 0.3, which was the best fixed
+λ of *its* benchmark, not of this one).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ METHODS = {
     "adamerging_taskwise": lambda m, s: AdaMerging(
         *m,
         granularity="task",
-        init_scaling=0.3,
+        init_scaling=s.ta_scaling,
         n_steps=s.n_steps,
         lr=1e-3,
         batch_size=s.batch_size,
@@ -71,7 +74,7 @@ METHODS = {
     "adamerging_layerwise": lambda m, s: AdaMerging(
         *m,
         granularity="layer",
-        init_scaling=0.3,
+        init_scaling=s.ta_scaling,
         n_steps=s.n_steps,
         lr=1e-3,
         batch_size=s.batch_size,

@@ -83,8 +83,7 @@ def _build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="JSON",
-        help="JSON open_clip model config (embed_dim, vision_cfg) for an architecture open_clip "
-        "does not name",
+        help="JSON open_clip model config (embed_dim, vision_cfg) for an architecture open_clip does not name",
     )
     merge.add_argument(
         "--tasks",
@@ -103,9 +102,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "resized and normalised with the architecture's open_clip transform), or an .npz with one "
         "float array (n, 3, H, W) per task, already preprocessed",
     )
-    merge.add_argument(
-        "--out", required=True, type=Path, metavar="DIR", help="output folder for the merged model"
-    )
+    merge.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder for the merged model")
     merge.add_argument(
         "--max-per-task",
         type=int,
@@ -168,9 +165,7 @@ def _load_npz(path: Path, tasks: list[str]) -> dict[str, torch.Tensor]:
                 continue
             array = arrays[name]
             if array.ndim != 4 or array.shape[1] != 3 or not np.issubdtype(array.dtype, np.floating):
-                raise SystemExit(
-                    f"{path}: array {name!r} must be float (n, 3, H, W), got {array.dtype} {array.shape}"
-                )
+                raise SystemExit(f"{path}: array {name!r} must be float (n, 3, H, W), got {array.dtype} {array.shape}")
             data[task] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     return data
 
@@ -290,14 +285,10 @@ def _merge(args) -> int:
         "release": args.release,
         "model": args.model,
         "tasks": names,
-        "params": {
-            k: v for k, v in merger.get_params(deep=False).items() if isinstance(v, (int, float, str))
-        },
+        "params": {k: v for k, v in merger.get_params(deep=False).items() if isinstance(v, (int, float, str))},
         "agreement": rows,
     }
-    atomic_write(
-        args.out / "merge_report.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2))
-    )
+    atomic_write(args.out / "merge_report.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     _log(args, f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -180,6 +180,17 @@ def load_legacy_pickle(path):
         If the pickle refers to a global outside the known set; the message names it.
     CorruptCheckpointError
         If the file is truncated or corrupt.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch
+    >>> from momaestimator.checkpoints import legacy_state_dict, load_legacy_pickle
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "linear.pt")
+    ...     torch.save(torch.nn.Linear(2, 1), path)  # a whole pickled module
+    ...     obj = load_legacy_pickle(path)           # an inert stand-in: no nn.Linear code runs
+    >>> sorted(legacy_state_dict(obj))
+    ['bias', 'weight']
     """
     path = Path(path)
     kind = _sniff(path)
@@ -229,6 +240,16 @@ def read_checkpoint(path):
     -------
     dict of str to torch.Tensor or LegacyObject or object
         A state dict, or the stand-in of a pickled module.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch
+    >>> from momaestimator.checkpoints import read_checkpoint
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "state.pt")
+    ...     torch.save(torch.nn.Linear(2, 1).state_dict(), path)
+    ...     sorted(read_checkpoint(path))
+    ['bias', 'weight']
     """
     path = Path(path)
     kind = _sniff(path)

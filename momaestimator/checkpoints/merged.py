@@ -44,9 +44,7 @@ def _encoder_spec(encoder: nn.Module, architecture) -> dict:
         cfg = {k: v for k, v in architecture.items() if k != "quick_gelu"}
         spec = {"library": "open_clip", "model_name": None, "model_cfg": cfg, "quick_gelu": quick_gelu}
     else:
-        raise TypeError(
-            f"architecture must be None, an open_clip name or a config dict, got {architecture!r}"
-        )
+        raise TypeError(f"architecture must be None, an open_clip name or a config dict, got {architecture!r}")
     rebuilt = _build_encoder(spec, device="meta")
     got = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     want = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
@@ -71,9 +69,7 @@ def _head_spec(task: str, head: nn.Module) -> dict:
     elif type(head) is nn.Linear:
         normalize = False
     else:
-        raise ValueError(
-            f"head {task!r} is a {type(head).__name__}; only LinearHead and nn.Linear heads are saved"
-        )
+        raise ValueError(f"head {task!r} is a {type(head).__name__}; only LinearHead and nn.Linear heads are saved")
     return {
         "type": "LinearHead",
         "n_classes": head.out_features,
@@ -169,6 +165,20 @@ def load_merged_model(path) -> MergedModel:
     CheckpointError
         If the file is not a momaestimator merged model or its tensors do not match its
         description.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from momaestimator.models import LinearHead, MergedModel
+    >>> from momaestimator.checkpoints import build_open_clip_encoder, load_merged_model, save_merged_model
+    >>> tiny = {"embed_dim": 8, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 16,
+    ...                                       "layers": 1, "head_width": 8}}
+    >>> model = MergedModel(build_open_clip_encoder(tiny), {"mnist": LinearHead(torch.randn(10, 8))})
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     _ = save_merged_model(model, tmp, architecture=tiny)
+    ...     loaded = load_merged_model(tmp)
+    >>> loaded.tasks, loaded(torch.zeros(2, 3, 16, 16), "mnist").shape
+    (['mnist'], torch.Size([2, 10]))
     """
     from safetensors import SafetensorError, safe_open
 
@@ -185,9 +195,7 @@ def load_merged_model(path) -> MergedModel:
         raise CheckpointError(f"{weights} was not written by save_merged_model (no momaestimator metadata)")
     config = json.loads(metadata["momaestimator"])
     if config.get("format") != _FORMAT or config.get("format_version", 0) > _FORMAT_VERSION:
-        raise CheckpointError(
-            f"{weights}: unsupported format {config.get('format')!r} v{config.get('format_version')}"
-        )
+        raise CheckpointError(f"{weights}: unsupported format {config.get('format')!r} v{config.get('format_version')}")
     sidecar = weights.parent / CONFIG_FILE
     if sidecar.is_file() and json.loads(sidecar.read_text()) != config:
         warnings.warn(

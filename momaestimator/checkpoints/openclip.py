@@ -78,9 +78,7 @@ def open_clip_model_config(model) -> dict:
                 f"got keys {sorted(model)}"
             )
         return copy.deepcopy(dict(model))
-    raise TypeError(
-        f"model must be an open_clip architecture name or a config dict, got {type(model).__name__}"
-    )
+    raise TypeError(f"model must be an open_clip architecture name or a config dict, got {type(model).__name__}")
 
 
 def build_open_clip_encoder(model, *, quick_gelu=None, device=None) -> nn.Module:
@@ -175,9 +173,7 @@ def _describe_vit(visual: Mapping) -> str:
     return f" The checkpoint holds a ViT with {found} and embed_dim={embed}{guess}."
 
 
-def encoder_from_state_dict(
-    model, state: Mapping, *, quick_gelu=None, strict=True, source="state dict"
-) -> nn.Module:
+def encoder_from_state_dict(model, state: Mapping, *, quick_gelu=None, strict=True, source="state dict") -> nn.Module:
     """Build the image tower of ``model`` and assign the tower's tensors from ``state``.
 
     ``state`` may be the tower's own state dict or that of a wrapper (``visual.*``,
@@ -357,9 +353,7 @@ def infer_open_clip_config(encoder: nn.Module) -> dict:
     768
     """
     if not isinstance(encoder, VisionTransformer):
-        raise ValueError(
-            f"can only infer the config of an open_clip VisionTransformer, got {type(encoder).__name__}"
-        )
+        raise ValueError(f"can only infer the config of an open_clip VisionTransformer, got {type(encoder).__name__}")
     if encoder.attn_pool is not None or encoder.proj is None:
         raise ValueError("this VisionTransformer uses attentional pooling or no projection; pass its config")
     block = encoder.transformer.resblocks[0]

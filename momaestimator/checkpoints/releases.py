@@ -169,9 +169,7 @@ def head_from_checkpoint(checkpoint, source: str = "head") -> LinearHead:
     """
     if isinstance(checkpoint, LegacyObject):
         state = legacy_state_dict(checkpoint)
-        normalize = checkpoint.__dict__.get(
-            "normalize", type(checkpoint).legacy_class.endswith("ClassificationHead")
-        )
+        normalize = checkpoint.__dict__.get("normalize", type(checkpoint).legacy_class.endswith("ClassificationHead"))
     elif isinstance(checkpoint, nn.Module):
         state = checkpoint.state_dict()
         normalize = getattr(checkpoint, "normalize", False)
@@ -210,9 +208,7 @@ def _load_release(arch, zeroshot, finetuned, heads, quick_gelu):
     for task, path in heads.items():
         head = head_from_checkpoint(read_checkpoint(path), source=str(path))
         if embed_dim is not None and head.in_features != embed_dim:
-            raise CheckpointError(
-                f"{path}: head takes {head.in_features} features, the encoder gives {embed_dim}"
-            )
+            raise CheckpointError(f"{path}: head takes {head.in_features} features, the encoder gives {embed_dim}")
         loaded_heads[task] = head
     return pretrained, encoders, loaded_heads
 
@@ -260,6 +256,24 @@ def load_task_vectors_release(root, model="ViT-B-32", tasks=None, *, model_cfg=N
     UnsafeCheckpointError, CorruptCheckpointError, CheckpointError
         See :func:`~momaestimator.checkpoints.load_legacy_pickle` and
         :func:`~momaestimator.checkpoints.load_open_clip_encoder`.
+
+    Examples
+    --------
+    With the release downloaded to ``checkpoints/``:
+
+    >>> from momaestimator import MOMAMerger
+    >>> pretrained, finetuned, heads = load_task_vectors_release("checkpoints")  # doctest: +SKIP
+    >>> merger = MOMAMerger(pretrained, finetuned, heads, device="cuda")  # doctest: +SKIP
+
+    Missing files are listed before anything is loaded:
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     try:
+    ...         load_task_vectors_release(tmp)
+    ...     except FileNotFoundError as err:
+    ...         print("ViT-B-32" in str(err))
+    True
     """
     model_dir = _model_dir(root, model)
     names = _resolve_tasks(tasks, TASK_VECTORS_TASKS)
@@ -273,9 +287,7 @@ def load_task_vectors_release(root, model="ViT-B-32", tasks=None, *, model_cfg=N
     zeroshot = model_dir / "zeroshot.pt"
     _check_files({"zeroshot.pt": zeroshot, **finetuned}, "task_vectors release", model_dir)
     _check_files({f"head of {t}": p for t, p in heads.items()}, "task_vectors release heads", model_dir)
-    return _load_release(
-        model_cfg if model_cfg is not None else model, zeroshot, finetuned, heads, quick_gelu
-    )
+    return _load_release(model_cfg if model_cfg is not None else model, zeroshot, finetuned, heads, quick_gelu)
 
 
 def load_tall_masks_release(root, model="ViT-B-32", tasks=None, *, model_cfg=None, quick_gelu=None):
@@ -305,6 +317,18 @@ def load_tall_masks_release(root, model="ViT-B-32", tasks=None, *, model_cfg=Non
     -------
     pretrained_encoder, finetuned_encoders, heads
         As :func:`load_task_vectors_release`.
+
+    Examples
+    --------
+    >>> pretrained, finetuned, heads = load_tall_masks_release("checkpoints", tasks=None)  # doctest: +SKIP
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     try:
+    ...         load_tall_masks_release(tmp, tasks=["MNIST", "SVHN"])
+    ...     except FileNotFoundError as err:
+    ...         print("ViT-B-32" in str(err))
+    True
     """
     model_dir = _model_dir(root, model)
     lists = {n: TALL_MASKS_TASKS[:n] for n in (8, 14, 20)}
@@ -317,9 +341,7 @@ def load_tall_masks_release(root, model="ViT-B-32", tasks=None, *, model_cfg=Non
             model_dir / f"head_{task}Val.pt"
         )
     candidates = [model_dir / "nonlinear_zeroshot.pt"]
-    candidates += [
-        d / "nonlinear_zeroshot.pt" for d in (_find(model_dir, "MNIST", suffix="Val", is_dir=True),) if d
-    ]
+    candidates += [d / "nonlinear_zeroshot.pt" for d in (_find(model_dir, "MNIST", suffix="Val", is_dir=True),) if d]
     candidates += [p.parent / "nonlinear_zeroshot.pt" for p in finetuned.values()]
     candidates += sorted(model_dir.glob("*/nonlinear_zeroshot.pt"))
     zeroshot = next((p for p in candidates if p.is_file()), None)
@@ -329,6 +351,4 @@ def load_tall_masks_release(root, model="ViT-B-32", tasks=None, *, model_cfg=Non
         )
     _check_files(finetuned, "TALL-masks release", model_dir)
     _check_files({f"head of {t}": p for t, p in heads.items()}, "TALL-masks release heads", model_dir)
-    return _load_release(
-        model_cfg if model_cfg is not None else model, zeroshot, finetuned, heads, quick_gelu
-    )
+    return _load_release(model_cfg if model_cfg is not None else model, zeroshot, finetuned, heads, quick_gelu)

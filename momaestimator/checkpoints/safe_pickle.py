@@ -75,6 +75,11 @@ class LegacyObject:
     state holds ``_parameters``, ``_buffers`` and ``_modules``, which
     :func:`legacy_state_dict` walks.
 
+    Parameters
+    ----------
+    *args, **kwargs
+        Ignored: the pickled state is set by ``__setstate__``, never by a constructor.
+
     Examples
     --------
     A pickle of a ``src.modeling.ClassificationHead`` with ``normalize=True``, loaded
@@ -104,9 +109,7 @@ class LegacyObject:
                 state = {**(state or {}), **slots}
         if isinstance(state, dict):
             # Dunder keys would shadow the stand-in's own protocol methods on a later BUILD.
-            self.__dict__.update(
-                {k: v for k, v in state.items() if isinstance(k, str) and not k.startswith("__")}
-            )
+            self.__dict__.update({k: v for k, v in state.items() if isinstance(k, str) and not k.startswith("__")})
         else:
             self.__dict__["_legacy_state"] = state
 
@@ -180,9 +183,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             multiarray = getattr(numpy, "_core", None) or numpy.core
             return numpy.dtype if name == "dtype" else multiarray.multiarray.scalar
         if _is_identifier_path(module) and name.isidentifier():
-            if any(_in_namespace(module, ns) for ns in _STAND_IN_NAMESPACES) or _is_torch_nn_class(
-                module, name
-            ):
+            if any(_in_namespace(module, ns) for ns in _STAND_IN_NAMESPACES) or _is_torch_nn_class(module, name):
                 return _stand_in(module, name)
         raise UnsafeCheckpointError(
             f"refused to unpickle global {qualified!r}: it is not one of the classes of the task_vectors / "
@@ -295,6 +296,17 @@ def legacy_state_dict(obj, prefix: str = "") -> dict[str, torch.Tensor]:
     ------
     TypeError
         If ``obj`` is not the stand-in of a module, or holds non-tensor parameters.
+
+    Examples
+    --------
+    >>> import io, torch
+    >>> from momaestimator.checkpoints import legacy_state_dict
+    >>> from momaestimator.checkpoints.safe_pickle import torch_load_restricted
+    >>> buffer = io.BytesIO()
+    >>> torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), buffer)
+    >>> _ = buffer.seek(0)
+    >>> sorted(legacy_state_dict(torch_load_restricted(buffer)))
+    ['0.bias', '0.weight']
     """
     if not isinstance(obj, LegacyObject) or "_parameters" not in obj.__dict__:
         raise TypeError(f"expected a pickled torch.nn.Module, got {obj!r}")

@@ -25,7 +25,42 @@ __all__ = ["FitConfig", "FitResult", "fit_moma", "moma_logits", "teacher_targets
 
 @dataclass
 class FitConfig:
-    """Settings of one MOMA fit (see :class:`momaestimator.MOMAMerger` for their meaning)."""
+    """Settings of one MOMA fit (see :class:`momaestimator.MOMAMerger` for their meaning).
+
+    Parameters
+    ----------
+    sparsity : float, default=0.1
+        Fraction of ``τ_MT``'s entries the mask removes.
+    scaling : float, default=0.3
+        λ.
+    use_mask : bool, default=True
+        Learn the mask (``MOMAMerger``'s ``learn_mask``).
+    use_rotations : bool, default=True
+        Learn the rotations (``learn_rotations``).
+    objective : {"kl", "feature", "entropy"}, default="kl"
+        The loss.
+    n_steps : int, default=100
+        Optimisation steps.
+    lr : float, default=0.05
+        Adam learning rate of the mask scores.
+    rotation_lr : float, default=1e-3
+        Adam learning rate of the rotation generators.
+    batch_size : int, default=16
+        Samples per task per step.
+    eval_every : int, default=10
+        Steps between held-out evaluations.
+    rotation_map : {"exp", "cayley"}, default="exp"
+        Generator-to-rotation map.
+    autocast_dtype : torch.dtype or None, default=None
+        Autocast dtype of the encoder's forward pass.
+    verbose : int, default=0
+        Verbosity.
+
+    Examples
+    --------
+    >>> FitConfig(sparsity=0.2, n_steps=10).rotation_lr
+    0.001
+    """
 
     sparsity: float = 0.1
     scaling: float = 0.3
@@ -44,7 +79,29 @@ class FitConfig:
 
 @dataclass
 class FitResult:
-    """What a fit learned: binary mask, rotation matrices and the loss history."""
+    """What a fit learned: binary mask, rotation matrices and the loss history.
+
+    Parameters
+    ----------
+    mask : dict of str to torch.BoolTensor
+        The binary mask over ``τ_MT`` per state-dict entry (``True`` = kept).
+    rotations : dict of str to torch.Tensor
+        ``Q_t`` per task.
+    history : list of dict, default=[]
+        One record per step (``step``, ``loss``, ``per_task_loss``, ``seconds``, ``valid_loss``).
+    n_iter : int, default=0
+        Steps run.
+    best_step : int, default=0
+        Step whose state was kept (0: the starting point).
+    interrupted : bool, default=False
+        Whether ``KeyboardInterrupt`` stopped the fit.
+
+    Examples
+    --------
+    >>> import torch
+    >>> FitResult(mask={}, rotations={"a": torch.eye(2)}).best_step
+    0
+    """
 
     mask: dict
     rotations: dict
@@ -71,6 +128,43 @@ def teacher_targets(skeleton, state, head: HeadSpec, x, *, batch_size=256, autoc
     """Logits and features of one fine-tuned expert (its encoder + its own head) on ``x``.
 
     Called once per task and fit; afterwards the expert's weights are no longer needed.
+
+    Parameters
+    ----------
+    skeleton : torch.nn.Module
+        Structure copy of the encoder (:func:`structure_copy`).
+    state : dict of str to torch.Tensor
+        The expert's state dict.
+    head : HeadSpec
+        The expert's frozen head (structure copy + tensors).
+    x : torch.Tensor
+        Inputs of the task.
+    batch_size : int, default=256
+        Inputs per forward pass.
+    autocast_dtype : torch.dtype or None, default=None
+        Autocast dtype of the encoder's forward pass.
+
+    Returns
+    -------
+    logits : torch.Tensor of shape (n, n_classes)
+    features : torch.Tensor of shape (n, d)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from momaestimator import toy
+    >>> from momaestimator.merging import FitConfig, fit_moma, multitask_vector, structure_copy, teacher_targets
+    >>> from momaestimator.merging.fit import HeadSpec
+    >>> pre, experts, heads, data = toy.make_problem(n_tasks=2)
+    >>> theta0 = pre.state_dict()
+    >>> tau = multitask_vector(theta0, {t: e.state_dict() for t, e in experts.items()})
+    >>> skeleton = structure_copy(pre)
+    >>> specs = {t: HeadSpec(structure_copy(h), dict(h.state_dict())) for t, h in heads.items()}
+    >>> x = {t: inputs for t, (inputs, _) in data.items()}
+    >>> targets = {t: teacher_targets(skeleton, experts[t].state_dict(), specs[t], x[t]) for t in x}
+    >>> logits, features = targets["task0"]
+    >>> logits.shape, features.shape
+    (torch.Size([24, 3]), torch.Size([24, 8]))
     """
     logits, feats = [], []
     for i in range(0, len(x), batch_size):
@@ -97,6 +191,39 @@ def moma_logits(skeleton, theta, head: HeadSpec, q, x, *, autocast_dtype=None):
     """Fit-time forward of one task: ``head(Q · f_θ(x))``; returns ``(logits, rotated features)``.
 
     ``theta`` is a full state dict (merged weights); ``q`` a rotation matrix or ``None``.
+
+    Parameters
+    ----------
+    skeleton : torch.nn.Module
+        Structure copy of the encoder.
+    theta : dict of str to torch.Tensor
+        A full (merged) state dict.
+    head : HeadSpec
+        The task's frozen head.
+    q : torch.Tensor of shape (d, d) or None
+        ``Q_t``; ``None`` for no rotation.
+    x : torch.Tensor
+        Inputs of the task.
+    autocast_dtype : torch.dtype or None, default=None
+        Autocast dtype of the encoder's forward pass.
+
+    Returns
+    -------
+    logits : torch.Tensor
+    rotated_features : torch.Tensor
+
+    Examples
+    --------
+    >>> import torch
+    >>> from momaestimator import toy
+    >>> from momaestimator.merging import moma_logits, structure_copy
+    >>> from momaestimator.merging.fit import HeadSpec
+    >>> pre, experts, heads, data = toy.make_problem(n_tasks=1)
+    >>> head = HeadSpec(structure_copy(heads["task0"]), dict(heads["task0"].state_dict()))
+    >>> x = data["task0"][0]
+    >>> logits, z = moma_logits(structure_copy(pre), pre.state_dict(), head, torch.eye(8), x)
+    >>> torch.allclose(logits, heads["task0"](pre(x)), atol=1e-5)
+    True
     """
     with _autocast(x, autocast_dtype):
         z = encode(skeleton, theta, x)
@@ -212,6 +339,29 @@ def fit_moma(
         Source of all randomness (batch sampling, tie-breaking).
     progress : callable, optional
         Wraps the step iterator (e.g. ``tqdm``).
+
+    Returns
+    -------
+    FitResult
+
+    Examples
+    --------
+    >>> import torch
+    >>> from momaestimator import toy
+    >>> from momaestimator.merging import FitConfig, fit_moma, multitask_vector, structure_copy, teacher_targets
+    >>> from momaestimator.merging.fit import HeadSpec
+    >>> pre, experts, heads, data = toy.make_problem(n_tasks=2)
+    >>> theta0 = pre.state_dict()
+    >>> tau = multitask_vector(theta0, {t: e.state_dict() for t, e in experts.items()})
+    >>> skeleton = structure_copy(pre)
+    >>> specs = {t: HeadSpec(structure_copy(h), dict(h.state_dict())) for t, h in heads.items()}
+    >>> x = {t: inputs for t, (inputs, _) in data.items()}
+    >>> targets = {t: teacher_targets(skeleton, experts[t].state_dict(), specs[t], x[t]) for t in x}
+    >>> cfg = FitConfig(sparsity=0.2, n_steps=3)
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> result = fit_moma(skeleton, theta0, tau, specs, x, targets, {}, {}, cfg, generator=gen)
+    >>> result.n_iter, sorted(result.rotations)
+    (3, ['task0', 'task1'])
     """
     ctx = _Context()
     ctx.cfg, ctx.skeleton, ctx.theta0, ctx.tau, ctx.heads = cfg, skeleton, theta0, tau, heads

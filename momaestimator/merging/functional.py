@@ -42,6 +42,18 @@ def _copy_with(module: nn.Module, replace) -> nn.Module:
 def structure_copy(module: nn.Module, device=None) -> nn.Module:
     """A weightless copy of ``module`` in eval mode, for :func:`torch.func.functional_call`.
 
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The module to copy; not modified.
+    device : str or torch.device, optional
+        Where the non-persistent buffers (which are not in the state dict) go.
+
+    Returns
+    -------
+    torch.nn.Module
+        Same class and structure, parameters and buffers on the ``meta`` device.
+
     Examples
     --------
     >>> import torch
@@ -61,6 +73,17 @@ def structure_copy(module: nn.Module, device=None) -> nn.Module:
 
 def clone_with_state(module: nn.Module, state: dict) -> nn.Module:
     """A real copy of ``module`` (same class) whose state-dict tensors are taken from ``state``.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The module whose class and structure are copied; not modified.
+    state : dict of str to torch.Tensor
+        One tensor per state-dict entry of ``module`` (copied).
+
+    Returns
+    -------
+    torch.nn.Module
 
     Examples
     --------
@@ -85,6 +108,22 @@ def first_linear_weight(head: nn.Module, *, name: str = "head") -> str:
     :class:`momaestimator.LinearHead` or the task_vectors release's ``ClassificationHead``, which
     may L2-normalise their input first), or an ``nn.Sequential`` whose first layer is one of these.
 
+    Parameters
+    ----------
+    head : torch.nn.Module
+        The classification head.
+    name : str, default="head"
+        How error messages call the head.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    TypeError
+        If the head has no supported first linear map.
+
     Examples
     --------
     >>> import torch
@@ -106,6 +145,18 @@ def first_linear_weight(head: nn.Module, *, name: str = "head") -> str:
 
 def absorb_heads(heads: dict, rotations: dict) -> dict[str, nn.Module]:
     """New heads with ``W ← W · Q_t`` in their first linear map (exact for normalising heads too).
+
+    Parameters
+    ----------
+    heads : dict of str to torch.nn.Module
+        The original heads; not modified.
+    rotations : dict of str to torch.Tensor
+        ``Q_t`` (``d × d``) per task.
+
+    Returns
+    -------
+    dict of str to torch.nn.Module
+        Copies of the heads with ``W_t Q_t`` as the weight of their first linear map.
 
     Examples
     --------

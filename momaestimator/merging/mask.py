@@ -26,6 +26,27 @@ def masked_merge(theta0: torch.Tensor, tau: torch.Tensor, keep, scaling: float) 
     """``θ_0 + λ · (m ⊙ τ)`` — the one formula shared by fitting and absorption.
 
     ``keep`` is a boolean mask or ``None`` (keep everything).
+
+    Parameters
+    ----------
+    theta0 : torch.Tensor
+        Pretrained weights of one state-dict entry.
+    tau : torch.Tensor
+        The multi-task vector's entry, same shape.
+    keep : torch.BoolTensor or None
+        The mask (``True`` = keep), same shape; ``None`` keeps everything.
+    scaling : float
+        λ.
+
+    Returns
+    -------
+    torch.Tensor
+
+    Examples
+    --------
+    >>> import torch
+    >>> masked_merge(torch.zeros(3), torch.ones(3), torch.tensor([True, False, True]), 0.5)
+    tensor([0.5000, 0.0000, 0.5000])
     """
     if keep is None:
         return theta0 + scaling * tau
@@ -116,7 +137,22 @@ class GlobalMask(nn.Module):
         return sample.kthvalue(k).values
 
     def merge(self, theta0: dict, tau: dict, scaling: float) -> dict[str, torch.Tensor]:
-        """Differentiable ``θ_0 + λ (m ⊙ τ)`` with the hard mask (straight-through gradient)."""
+        """Differentiable ``θ_0 + λ (m ⊙ τ)`` with the hard mask (straight-through gradient).
+
+        Parameters
+        ----------
+        theta0 : dict of str to torch.Tensor
+            Pretrained state dict.
+        tau : dict of str to torch.Tensor
+            The multi-task vector (the keys of this mask).
+        scaling : float
+            λ.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            The merged entries of ``tau``'s keys.
+        """
         thr = self.threshold()
         return {
             k: _StraightThroughMerge.apply(s, thr, theta0[k], tau[k], scaling) for k, s in zip(self.names, self.scores)
@@ -129,7 +165,13 @@ class GlobalMask(nn.Module):
 
     @torch.no_grad()
     def load(self, state) -> None:
-        """Restore scores saved by :meth:`state`."""
+        """Restore scores saved by :meth:`state`.
+
+        Parameters
+        ----------
+        state : list of torch.Tensor
+            As returned by :meth:`state`.
+        """
         for s, v in zip(self.scores, state):
             s.copy_(v)
 

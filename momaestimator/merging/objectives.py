@@ -10,6 +10,20 @@ __all__ = ["OBJECTIVES", "entropy", "feature_alignment", "kl_to_teacher"]
 def kl_to_teacher(student_logits, teacher_logits, student_features=None, teacher_features=None):
     """``mean_x KL(softmax(teacher) ‖ softmax(student))`` — MOMA's default, no labels, no temperature.
 
+    Parameters
+    ----------
+    student_logits : torch.Tensor of shape (batch, n_classes)
+        Logits of the merged model (after the rotation).
+    teacher_logits : torch.Tensor of shape (batch, n_classes)
+        Logits of the fine-tuned expert with its head.
+    student_features, teacher_features : torch.Tensor, optional
+        Unused; every objective takes the same arguments.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar.
+
     Examples
     --------
     >>> import torch
@@ -25,6 +39,18 @@ def kl_to_teacher(student_logits, teacher_logits, student_features=None, teacher
 def entropy(student_logits, teacher_logits=None, student_features=None, teacher_features=None):
     """Mean prediction entropy (AdaMerging's objective; needs no teacher).
 
+    Parameters
+    ----------
+    student_logits : torch.Tensor of shape (batch, n_classes)
+        Logits of the merged model.
+    teacher_logits, student_features, teacher_features : torch.Tensor, optional
+        Unused; every objective takes the same arguments.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar.
+
     Examples
     --------
     >>> import torch
@@ -37,6 +63,20 @@ def entropy(student_logits, teacher_logits=None, student_features=None, teacher_
 
 def feature_alignment(student_logits, teacher_logits, student_features, teacher_features):
     """Mean squared distance between L2-normalised (rotated) merged and fine-tuned features.
+
+    Parameters
+    ----------
+    student_logits, teacher_logits : torch.Tensor or None
+        Unused; every objective takes the same arguments.
+    student_features : torch.Tensor of shape (batch, d)
+        Merged features after the rotation.
+    teacher_features : torch.Tensor of shape (batch, d)
+        The fine-tuned expert's features.
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar.
 
     Examples
     --------

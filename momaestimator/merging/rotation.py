@@ -24,6 +24,10 @@ class Rotations(nn.Module):
         Feature dimension ``d``.
     method : {"exp", "cayley"}, default="exp"
         The map from skew-symmetric matrices to rotations.
+    device : str or torch.device, optional
+        Where the generators live.
+    dtype : torch.dtype, default=torch.float32
+        dtype of the generators (and of the rotations).
 
     Examples
     --------
@@ -43,7 +47,17 @@ class Rotations(nn.Module):
         )
 
     def matrix(self, index: int) -> torch.Tensor:
-        """``Q`` of task number ``index`` (differentiable)."""
+        """``Q`` of task number ``index`` (differentiable).
+
+        Parameters
+        ----------
+        index : int
+            Task number, in ``[0, n_tasks)``.
+
+        Returns
+        -------
+        torch.Tensor of shape (dim, dim)
+        """
         upper = self.generators[index].triu(1)
         skew = upper - upper.T
         if self.method == "exp":
@@ -54,6 +68,16 @@ class Rotations(nn.Module):
 
 def rotation_angles(q: torch.Tensor) -> torch.Tensor:
     """Principal rotation angles (radians) of an orthogonal matrix, from its eigenvalues.
+
+    Parameters
+    ----------
+    q : torch.Tensor of shape (d, d)
+        An orthogonal matrix.
+
+    Returns
+    -------
+    torch.Tensor of shape (d,)
+        Absolute eigenvalue angles, largest first (each plane's angle appears twice).
 
     Examples
     --------
