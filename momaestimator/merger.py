@@ -214,7 +214,7 @@ class MOMAMerger(BaseEstimator):
         V.check_number(self.verbose, "verbose", low=0, integer=True)
         return V.resolve_device(self.device)
 
-    def _check_models(self):
+    def _check_models(self, *, values=True):
         """Validated ``(tasks, pretrained state, {task: ft source}, {task: head})``."""
         if self.pretrained_encoder is None or not isinstance(self.pretrained_encoder, torch.nn.Module):
             raise TypeError(
@@ -224,7 +224,8 @@ class MOMAMerger(BaseEstimator):
         heads = V.check_task_dict(self.heads, "heads")
         tasks = V.check_same_tasks(finetuned_encoders=fts, heads=heads)
         pre_state = as_state_dict(self.pretrained_encoder, name="pretrained_encoder")
-        V.check_state(pre_state, "pretrained_encoder")
+        if values:  # a full pass over every weight: once per fit, not again in transform/score
+            V.check_state(pre_state, "pretrained_encoder")
         for task, src in fts.items():
             if not isinstance(src, (str, os.PathLike)):
                 if isinstance(src, torch.nn.Module) and type(src) is not type(self.pretrained_encoder):
@@ -232,7 +233,7 @@ class MOMAMerger(BaseEstimator):
                         f"finetuned_encoders[{task!r}] is a {type(src).__name__}, the pretrained encoder a "
                         f"{type(self.pretrained_encoder).__name__}: encoders must share one architecture"
                     )
-                V.check_encoder_states(pre_state, _load_state(src, task), task)
+                V.check_encoder_states(pre_state, _load_state(src, task), task, values=values)
         return tasks, pre_state, fts, heads
 
     def _check_fit_data(self, X, tasks, device, dtype):
@@ -397,7 +398,7 @@ class MOMAMerger(BaseEstimator):
         """The absorbed encoder weights ``θ_0 + λ (m ⊙ τ_MT)`` as a new state dict (on the fit device)."""
         check_is_fitted(self, "mask_")
         device = V.resolve_device(self.device)
-        tasks, pre_state, fts, _ = self._check_models()
+        tasks, pre_state, fts, _ = self._check_models(values=False)
         if tasks != self.tasks_:
             raise ValueError(f"the models now name tasks {tasks}, but this merger was fitted on {self.tasks_}")
         theta0 = {k: v.to(device) for k, v in pre_state.items()}
