@@ -247,3 +247,20 @@ def test_bf16_autocast_on_cpu_keeps_fp32_mask_scores_and_rotations(problem, unla
     n_total = sum(v.numel() for v in m.mask_.values())
     assert sum(int((~v).sum()) for v in m.mask_.values()) == round(0.2 * n_total)
     assert m.transform().encoder.proj.dtype == torch.float32
+
+
+@pytest.mark.parametrize("base", ["task_arithmetic", "ties"])
+def test_finetuned_encoders_as_checkpoint_paths_give_the_same_fit(problem, unlabeled, tmp_path, base):
+    from safetensors.torch import save_file
+
+    pre, experts, heads, _ = problem
+    paths = {}
+    for t, m in experts.items():
+        paths[t] = tmp_path / f"{t}.safetensors"
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(paths[t]))
+    kw = dict(n_steps=5, sparsity=0.2, base=base, random_state=0)
+    from_paths = MOMAMerger(pre, paths, heads, **kw).fit(unlabeled)
+    from_modules = MOMAMerger(pre, experts, heads, **kw).fit(unlabeled)
+    assert all(torch.equal(from_paths.mask_[k], from_modules.mask_[k]) for k in from_modules.mask_)
+    a, b = from_paths.transform().state_dict(), from_modules.transform().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
