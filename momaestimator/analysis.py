@@ -176,7 +176,9 @@ def _task_row(task, head, feats, y, n_neighbors, ridge, threshold, max_distortio
         return float((na @ m.T - nb).norm() / nb.norm())
 
     r_id, r_q, r_lin = resid(torch.eye(d, dtype=q.dtype)), resid(q), resid(lin)
-    share = (r_id - r_q) / (r_id - r_lin) if r_id - r_lin > 1e-12 else 1.0
+    # share of the linear map's (held-out) residual reduction that the rotation achieves; undefined
+    # when no linear map beats doing nothing on held-out data (e.g. maps overfitted to few samples)
+    share = min(1.0, (r_id - r_q) / (r_id - r_lin)) if r_id - r_lin > 1e-12 else float("nan")
     # How the linear map acts on the subspace the features occupy (eigenvalues above 1e-4 of the
     # largest): for an orthogonal map all singular values there are equal; directions without data
     # are left to the ridge penalty and say nothing.
@@ -208,8 +210,10 @@ def _task_row(task, head, feats, y, n_neighbors, ridge, threshold, max_distortio
         row["accuracy_expert"] = float((expert_pred == y).double().mean())
         row["knn_merged"] = _knn_accuracy(a.float(), y, n_neighbors)
         row["knn_expert"] = _knn_accuracy(b.float(), y, n_neighbors)
-    orthogonal = share >= threshold and polar <= max_distortion
-    row["verdict"] = "orthogonal" if orthogonal else "not orthogonal"
+    if share != share:  # nan
+        row["verdict"] = "inconclusive: no linear map reduces the held-out residual"
+    else:
+        row["verdict"] = "orthogonal" if share >= threshold and polar <= max_distortion else "not orthogonal"
     return row
 
 

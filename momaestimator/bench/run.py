@@ -180,6 +180,9 @@ def _analysis(zoo, models, merger, tasks, X_fit, ta_lambda, log):
         from ..analysis import mask_statistics, misalignment_report, rotation_statistics
     except ImportError:  # analysis module not installed in this build
         return None
+    # the maps are fitted on each task's validation inputs (hundreds per task; a diagnostic, not a
+    # method, so it is not limited to the few-shot fit data) and measured on the test split
+    val = {t: (zoo.data[t].X_val, zoo.data[t].y_val) for t in tasks}
     test = {t: (zoo.data[t].X_test, zoo.data[t].y_test) for t in tasks}
-    rows = misalignment_report(*models, X_fit, scaling=ta_lambda, X_eval=test)
+    rows = misalignment_report(*models, val, scaling=ta_lambda, X_eval=test)
     return {"misalignment": rows, "rotations": rotation_statistics(merger), "mask": mask_statistics(merger)}
