@@ -130,8 +130,9 @@ def _plots(report, out_dir) -> dict[str, str]:
     width = 0.8 / len(methods)
     pos = np.arange(len(tasks))
     for i, (name, r) in enumerate(methods.items()):
+        heights = [r["per_task"][t] for t in tasks]
         ax.bar(
-            pos + i * width - 0.4 + width / 2, [r["per_task"][t] for t in tasks], width, label=LABELS.get(name, name)
+            pos + i * width - 0.4 + width / 2, heights, width, label=LABELS.get(name, name), color=plt.cm.tab20(i % 20)
         )
     ax.set_xticks(pos, tasks)
     ax.set_ylabel("test accuracy (%)")
