@@ -264,3 +264,18 @@ def test_finetuned_encoders_as_checkpoint_paths_give_the_same_fit(problem, unlab
     assert all(torch.equal(from_paths.mask_[k], from_modules.mask_[k]) for k in from_modules.mask_)
     a, b = from_paths.transform().state_dict(), from_modules.transform().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_sequential_task_batching_takes_the_same_steps_as_joint(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    kw = dict(n_steps=8, sparsity=0.2, rotation_lr=0.01, validation_fraction=0.0, random_state=0)
+    joint = MOMAMerger(pre, experts, heads, **kw).fit(unlabeled)
+    seq = MOMAMerger(pre, experts, heads, task_batching="sequential", **kw).fit(unlabeled)
+    for a, b in zip(joint.history_, seq.history_):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    for t in joint.rotations_:
+        assert torch.allclose(joint.rotations_[t], seq.rotations_[t], atol=1e-5)
+    agree = sum(int((joint.mask_[k] == seq.mask_[k]).sum()) for k in joint.mask_)
+    assert agree / sum(m.numel() for m in joint.mask_.values()) > 0.999
+    with pytest.raises(ValueError, match="unknown task_batching"):
+        MOMAMerger(pre, experts, heads, task_batching="parallel").fit(unlabeled)

@@ -35,7 +35,15 @@ def build_tower(model: str, seed: int = 0):
 
 
 def measure(
-    model: str, n_tasks: int, method: str, *, batch_size: int, n_steps: int, device: str, precision=None
+    model: str,
+    n_tasks: int,
+    method: str,
+    *,
+    batch_size: int,
+    n_steps: int,
+    device: str,
+    precision=None,
+    task_batching="joint",
 ) -> dict:
     """One measurement (run it in a fresh process): build models, then time and measure ``fit``."""
     import torch
@@ -106,6 +114,7 @@ def measure(
                 batch_size=batch_size,
                 validation_fraction=0.0,
                 precision=precision,
+                task_batching=task_batching,
                 device=device,
                 random_state=0,
             ).fit(X)
@@ -141,6 +150,12 @@ def main(argv=None) -> int:
     p.add_argument("--n-steps", type=int, default=3, help="steps timed per fit (default 3)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default=None, choices=[None, "bf16", "fp16"])
+    p.add_argument(
+        "--task-batching",
+        default="joint",
+        choices=["joint", "sequential"],
+        help="MOMAMerger's task_batching (default joint)",
+    )
     p.add_argument("--large", default=None, help="also run this architecture at the smallest T (e.g. ViT-L-14)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -173,6 +188,7 @@ def main(argv=None) -> int:
                     "n_steps": args.n_steps,
                     "device": args.device,
                     "precision": args.precision,
+                    "task_batching": args.task_batching,
                 }
             )
             r.setdefault("model", model)

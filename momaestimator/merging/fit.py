@@ -53,6 +53,8 @@ class FitConfig:
         Generator-to-rotation map.
     autocast_dtype : torch.dtype or None, default=None
         Autocast dtype of the encoder's forward pass.
+    task_batching : {"joint", "sequential"}, default="joint"
+        One forward over every task's batch, or one task at a time with accumulated gradients.
     verbose : int, default=0
         Verbosity.
 
@@ -74,6 +76,7 @@ class FitConfig:
     eval_every: int = 10
     rotation_map: str = "exp"
     autocast_dtype: torch.dtype | None = None
+    task_batching: str = "joint"
     verbose: int = 0
 
 
@@ -250,6 +253,8 @@ def _current_theta(theta0, tau, mask: GlobalMask | None, scaling, fixed):
 
 def train_step(ctx, batches, step):
     """One optimisation step over a batch of every task; returns (total loss, {task: loss})."""
+    if ctx.cfg.task_batching == "sequential":
+        return _train_step_sequential(ctx, batches, step)
     theta = _current_theta(ctx.theta0, ctx.tau, ctx.mask, ctx.cfg.scaling, ctx.fixed_theta)
     xs = torch.cat([ctx.x_train[t][idx] for t, idx in batches.items()])
     with _autocast(xs, ctx.cfg.autocast_dtype):
@@ -276,6 +281,41 @@ def train_step(ctx, batches, step):
     if ctx.optimizer is not None:
         ctx.optimizer.step()
     return float(total.detach()), {t: float(v.detach()) for t, v in losses.items()}
+
+
+def _check_finite(losses, step):
+    bad = [t for t, v in losses.items() if not torch.isfinite(v)]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite loss at step {step} (tasks {bad}); lower `lr`/`rotation_lr` or check the inputs"
+        )
+
+
+def _train_step_sequential(ctx, batches, step):
+    """The same step, one task at a time: activations of one task's batch only, gradients accumulated.
+
+    The merged weights are rebuilt for every task (T times the mask's elementwise work per step) and
+    the score gradients need one encoder-sized buffer; in exchange the activation memory no longer
+    grows with the number of tasks. The gradient is the joint step's, up to float rounding.
+    """
+    ctx.optimizer.zero_grad(set_to_none=True)
+    losses = {}
+    for i, (task, idx) in enumerate(batches.items()):
+        theta = _current_theta(ctx.theta0, ctx.tau, ctx.mask, ctx.cfg.scaling, ctx.fixed_theta)
+        x = ctx.x_train[task][idx]
+        with _autocast(x, ctx.cfg.autocast_dtype):
+            z = encode(ctx.skeleton, theta, x)
+        z = z.to(ctx.dtype)
+        if ctx.rotations is not None:
+            z = z @ ctx.rotations.matrix(i).T
+        t_logits, t_feats = ctx.targets_train[task]
+        loss = ctx.loss_fn(_head_logits(ctx.heads[task], z), t_logits[idx], z, t_feats[idx])
+        _check_finite({task: loss}, step)
+        loss.backward()
+        losses[task] = float(loss.detach())
+        del theta, z, loss
+    ctx.optimizer.step()
+    return sum(losses.values()), losses
 
 
 @torch.no_grad()
@@ -382,11 +422,18 @@ def fit_moma(
     # Fused Adam updates in place without full-size temporaries. The mask scores (one per encoder
     # weight) are stepped inside backward, tensor by tensor, as soon as their gradient is ready, and
     # the gradient is dropped at once: no full-size gradient buffer ever exists.
+    # With sequential task batching the gradient is accumulated over tasks, so one ordinary optimiser
+    # steps everything after the last task.
     ctx.optimizer = None
+    groups = []
     if ctx.rotations is not None:
-        ctx.optimizer = torch.optim.Adam(ctx.rotations.parameters(), lr=cfg.rotation_lr, fused=True)
+        groups.append({"params": list(ctx.rotations.parameters()), "lr": cfg.rotation_lr})
+    if ctx.mask is not None and cfg.task_batching == "sequential":
+        groups.append({"params": list(ctx.mask.scores), "lr": cfg.lr})
+    if groups:
+        ctx.optimizer = torch.optim.Adam(groups, fused=True)
     hooks = []
-    if ctx.mask is not None:
+    if ctx.mask is not None and cfg.task_batching != "sequential":
         for p in ctx.mask.scores:
             hooks.append(
                 p.register_post_accumulate_grad_hook(_step_in_backward(torch.optim.Adam([p], lr=cfg.lr, fused=True)))
