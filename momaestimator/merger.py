@@ -385,21 +385,17 @@ class MOMAMerger(BaseEstimator):
         return x_train, x_val
 
     def _multitask_vector(self, pre_state, fts, device):
-        if all(not isinstance(s, (str, os.PathLike)) for s in fts.values()):
-            tau = multitask_vector(
-                pre_state, {t: _load_state(s, t) for t, s in fts.items()}, base=self.base, top_k=self.top_k
-            )
-        elif self.base == "task_arithmetic":  # stream checkpoints: one expert in memory at a time
+        lazy = any(isinstance(s, (str, os.PathLike)) for s in fts.values())
+        if lazy and self.base == "task_arithmetic":  # stream checkpoints: one expert in memory at a time
             tau = {k: torch.zeros_like(v) for k, v in pre_state.items() if v.is_floating_point()}
             for t, s in fts.items():
                 state = _load_state(s, t)
                 for k in tau:
                     tau[k] += state[k] - pre_state[k]
                 del state
-        else:
-            tau = multitask_vector(
-                pre_state, {t: _load_state(s, t) for t, s in fts.items()}, base=self.base, top_k=self.top_k
-            )
+        else:  # modules (no copies), or TIES, whose passes need every expert
+            states = {t: _load_state(s, t) for t, s in fts.items()}
+            tau = multitask_vector(pre_state, states, base=self.base, top_k=self.top_k)
         return {k: v.to(device) for k, v in tau.items()}
 
     # ------------------------------------------------------------------ transform / score

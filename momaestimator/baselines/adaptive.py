@@ -41,14 +41,14 @@ def _sample(x_by_task, batch_size, generator):
 class _DataMerger(MergerBase):
     """Common set-up: validated models, unlabeled inputs on the device, base merge, experts' outputs."""
 
-    def _common_checks(self):
+    def _check_params(self):
         V.check_number(self.n_steps, "n_steps", low=0, integer=True)
         V.check_number(self.lr, "lr", low=0.0, low_open=True)
         V.check_number(self.batch_size, "batch_size", low=1, integer=True)
         return V.resolve_device(self.device)
 
     def _setup(self, X):
-        device = self._common_checks()
+        device = self._check_params()
         tasks, pre, fts, heads = self._validated_models()
         dtype = next(v.dtype for v in pre.values() if v.is_floating_point())
         x = self._unlabeled(X, tasks, device, dtype)
@@ -543,12 +543,8 @@ class ProcrustesAlignment(_DataMerger):
         -------
         self
         """
-        device = V.resolve_device(self.device)
-        tasks, pre, fts, heads = self._validated_models()
-        dtype = next(v.dtype for v in pre.values() if v.is_floating_point())
-        x = self._unlabeled(X, tasks, device, dtype)
-        skeleton = structure_copy(self.pretrained_encoder, device=device)
-        theta = self._base_state({k: v.to(device) for k, v in pre.items()}, device)
+        device, tasks, fts, heads, x, skeleton, theta0 = self._setup(X)
+        theta = self._base_state(theta0, device)
         rotations = {}
         with torch.no_grad():
             for t in tasks:
@@ -558,6 +554,9 @@ class ProcrustesAlignment(_DataMerger):
                 rotations[t] = (u @ vh).to(torch.float32).cpu()
         self.tasks_, self.rotations_, self.extra_params_ = tasks, rotations, 0
         return self
+
+    def _check_params(self):  # closed form: no optimiser settings to check
+        return V.resolve_device(self.device)
 
     def transform(self, X=None):
         """Base-merged encoder + heads with the rotations absorbed.

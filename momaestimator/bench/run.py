@@ -18,6 +18,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from ..analysis import mask_statistics, misalignment_report, rotation_statistics
 from ..baselines import IndividualExperts, PretrainedHeads, TaskArithmetic, TiesMerging
 from .measure import PeakMemory
 from .methods import DATA_METHODS, METHODS, MethodSettings, make_method
@@ -149,7 +150,7 @@ def run_benchmark(
         "methods": {m: _aggregate(rows) for m, rows in runs.items()},
     }
     if analysis and fitted_moma is not None:
-        report["analysis"] = _analysis(zoo, models, fitted_moma, tasks, X_fit, ta_lambda, log)
+        report["analysis"] = _analysis(zoo, models, fitted_moma, tasks, ta_lambda)
     return report
 
 
@@ -175,11 +176,7 @@ def _aggregate(rows):
     return out
 
 
-def _analysis(zoo, models, merger, tasks, X_fit, ta_lambda, log):
-    try:
-        from ..analysis import mask_statistics, misalignment_report, rotation_statistics
-    except ImportError:  # analysis module not installed in this build
-        return None
+def _analysis(zoo, models, merger, tasks, ta_lambda):
     # the maps are fitted on each task's validation inputs (hundreds per task; a diagnostic, not a
     # method, so it is not limited to the few-shot fit data) and measured on the test split
     val = {t: (zoo.data[t].X_val, zoo.data[t].y_val) for t in tasks}

@@ -269,12 +269,8 @@ def train_step(ctx, batches, step):
         logits = _head_logits(ctx.heads[task], z)
         t_logits, t_feats = ctx.targets_train[task]
         losses[task] = ctx.loss_fn(logits, t_logits[idx], z, t_feats[idx])
+    _check_finite(losses, step)
     total = sum(losses.values())
-    if not torch.isfinite(total):
-        bad = [t for t, v in losses.items() if not torch.isfinite(v)]
-        raise FloatingPointError(
-            f"non-finite loss at step {step} (tasks {bad}); lower `lr`/`rotation_lr` or check the inputs"
-        )
     if ctx.optimizer is not None:
         ctx.optimizer.zero_grad(set_to_none=True)
     total.backward()  # also steps the mask scores (see fit_moma)
