@@ -11,6 +11,7 @@ import numbers
 import os
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,6 +42,21 @@ def check_number(value, name, *, low=None, high=None, low_open=False, high_open=
 def check_choice(value, name, choices):
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {list(choices)}")
+    return value
+
+
+def check_task_batching(value):
+    """``"joint"``, ``"sequential"`` or a positive int (tasks per pass)."""
+    if isinstance(value, str):
+        if value not in ("joint", "sequential"):
+            raise ValueError(
+                f"unknown task_batching {value!r}; expected 'joint', 'sequential' or a positive int (tasks per pass)"
+            )
+        return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"task_batching must be 'joint', 'sequential' or a positive int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"task_batching must be a positive number of tasks per pass, got {value}")
     return value
 
 

@@ -95,11 +95,12 @@ class MOMAMerger(BaseEstimator):
         How a skew-symmetric generator becomes a rotation.
     precision : {None, "bf16", "fp16"}, default=None
         Autocast dtype of the encoder's forward pass; mask scores and rotations stay float32.
-    task_batching : {"joint", "sequential"}, default="joint"
-        ``"joint"``: one forward/backward over every task's batch per step (fastest; activation
-        memory grows with the number of tasks). ``"sequential"``: one task at a time with gradients
-        accumulated — the same step up to float rounding, activation memory of one task's batch, at
-        the price of one encoder-sized gradient buffer and rebuilding the merged weights per task.
+    task_batching : {"joint", "sequential"} or int, default="sequential"
+        Tasks per forward/backward pass. ``"joint"``: every task's batch in one pass (activation
+        memory grows with the number of tasks). ``"sequential"``: one task per pass; an int ``k``:
+        ``k`` tasks per pass. Gradients accumulate over the passes of a step, so every choice
+        takes the same step up to float rounding; several passes keep the activations of one
+        pass only, at the price of one encoder-sized gradient buffer (see the scaling guide).
     device : str or torch.device, default="cpu"
         Where fitting and scoring run; the user's modules stay where they are.
     random_state : int, RandomState instance or None, default=None
@@ -157,7 +158,7 @@ class MOMAMerger(BaseEstimator):
         eval_every=10,
         rotation_map="exp",
         precision=None,
-        task_batching="joint",
+        task_batching="sequential",
         device="cpu",
         random_state=None,
         verbose=0,
@@ -215,7 +216,7 @@ class MOMAMerger(BaseEstimator):
         V.check_choice(self.objective, "objective", V.OBJECTIVE_NAMES)
         V.check_choice(self.rotation_map, "rotation_map", ("exp", "cayley"))
         V.check_choice(self.precision, "precision", list(V.PRECISIONS))
-        V.check_choice(self.task_batching, "task_batching", ("joint", "sequential"))
+        V.check_task_batching(self.task_batching)
         for flag in ("learn_mask", "learn_rotations"):
             if not isinstance(getattr(self, flag), (bool, np.bool_)):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")

@@ -266,16 +266,40 @@ def test_finetuned_encoders_as_checkpoint_paths_give_the_same_fit(problem, unlab
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def test_sequential_task_batching_takes_the_same_steps_as_joint(problem, unlabeled):
+@pytest.mark.parametrize("batching", ["sequential", 2])
+def test_task_batching_takes_the_same_steps_as_joint(problem, unlabeled, batching):
     pre, experts, heads, _ = problem
     kw = dict(n_steps=8, sparsity=0.2, rotation_lr=0.01, validation_fraction=0.0, random_state=0)
-    joint = MOMAMerger(pre, experts, heads, **kw).fit(unlabeled)
-    seq = MOMAMerger(pre, experts, heads, task_batching="sequential", **kw).fit(unlabeled)
-    for a, b in zip(joint.history_, seq.history_):
+    joint = MOMAMerger(pre, experts, heads, task_batching="joint", **kw).fit(unlabeled)
+    other = MOMAMerger(pre, experts, heads, task_batching=batching, **kw).fit(unlabeled)
+    for a, b in zip(joint.history_, other.history_):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["per_task_loss"] == pytest.approx(b["per_task_loss"], rel=1e-4)
     for t in joint.rotations_:
-        assert torch.allclose(joint.rotations_[t], seq.rotations_[t], atol=1e-5)
-    agree = sum(int((joint.mask_[k] == seq.mask_[k]).sum()) for k in joint.mask_)
+        assert torch.allclose(joint.rotations_[t], other.rotations_[t], atol=1e-5)
+    agree = sum(int((joint.mask_[k] == other.mask_[k]).sum()) for k in joint.mask_)
     assert agree / sum(m.numel() for m in joint.mask_.values()) > 0.999
-    with pytest.raises(ValueError, match="unknown task_batching"):
+    # the mask moved away from its magnitude-pruning start, so the steps compared above did something
+    start = MOMAMerger(pre, experts, heads, task_batching=batching, **{**kw, "n_steps": 0}).fit(unlabeled)
+    changed = sum(int((start.mask_[k] != other.mask_[k]).sum()) for k in other.mask_)
+    assert changed > 0
+
+
+def test_task_batching_is_validated(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    with pytest.raises(ValueError, match="unknown task_batching 'parallel'"):
         MOMAMerger(pre, experts, heads, task_batching="parallel").fit(unlabeled)
+    with pytest.raises(ValueError, match="positive number of tasks per pass, got 0"):
+        MOMAMerger(pre, experts, heads, task_batching=0).fit(unlabeled)
+    with pytest.raises(TypeError, match="task_batching must be"):
+        MOMAMerger(pre, experts, heads, task_batching=1.5).fit(unlabeled)
+
+
+def test_task_groups_cover_every_task_once():
+    from momaestimator.merging import task_groups
+
+    tasks = [f"t{i}" for i in range(7)]
+    for batching, expected in [("joint", 1), ("sequential", 7), (3, 3), (10, 1), (1, 7)]:
+        groups = task_groups(tasks, batching)
+        assert len(groups) == expected
+        assert [i for g in groups for i in g] == list(range(7))

@@ -12,6 +12,7 @@ not depend on training.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -59,14 +60,17 @@ def measure(
     dim = cfg["embed_dim"]
     gen = torch.Generator().manual_seed(1)
     experts, heads, X = {}, {}, {}
-    for t in range(n_tasks):  # experts = pretrained + small random task vectors, built one at a time
-        expert, _ = build_tower(model)
+    for t in range(n_tasks):  # experts = pretrained + small random task vectors, on the CPU
+        expert = copy.deepcopy(pre)
         with torch.no_grad():
             for p in expert.parameters():
-                p.add_(1e-3 * torch.randn(p.shape, generator=gen))
+                p.add_(torch.randn(p.shape, generator=gen).mul_(1e-3))
         experts[f"t{t}"] = expert
         heads[f"t{t}"] = LinearHead(torch.randn(10, dim, generator=gen))
         X[f"t{t}"] = torch.randn(2 * batch_size, 3, size, size, generator=gen)
+    # the user's pretrained encoder lives on the fit device (a GPU user's model is on the GPU), so
+    # "extra" memory is what fitting adds beyond it; the experts stay on the CPU
+    pre = pre.to(device)
     n_params = sum(p.numel() for p in pre.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in pre.parameters())
     out = {
@@ -90,9 +94,11 @@ def measure(
             times.append(time.perf_counter() - t0)
         out["seconds_per_step"] = min(times[1:])
         return out
-    with PeakMemory(device) as mem:
+    mem_device = "cpu" if method == "task_arithmetic" else device  # Task Arithmetic is CPU work
+    out["memory"] = "CUDA allocated" if mem_device.startswith("cuda") else "RSS"
+    with PeakMemory(mem_device) as mem:
         if method == "task_arithmetic":
-            task_arithmetic(pre, experts, scaling=0.3)
+            task_arithmetic({k: v.cpu() for k, v in pre.state_dict().items()}, experts, scaling=0.3)
         elif method == "adamerging_layerwise":
             est = AdaMerging(
                 pre,
@@ -152,9 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default=None, choices=[None, "bf16", "fp16"])
     p.add_argument(
         "--task-batching",
-        default="joint",
-        choices=["joint", "sequential"],
-        help="MOMAMerger's task_batching (default joint)",
+        nargs="+",
+        default=["sequential", "joint"],
+        help="MOMAMerger task_batching values: joint, sequential or tasks per pass (default: sequential joint)",
     )
     p.add_argument("--large", default=None, help="also run this architecture at the smallest T (e.g. ViT-L-14)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -166,6 +172,14 @@ def main(argv=None) -> int:
         print(json.dumps(measure(**kw)))
         return 0
     rows = []
+    variants = []  # (label, method, task_batching)
+    for method in args.methods:
+        if method == "moma":
+            for tb in args.task_batching:
+                tb = int(tb) if tb.isdigit() else tb
+                variants.append((f"moma[{tb}]", "moma", tb))
+        else:
+            variants.append((method, method, None))
     plan = [(args.model, t) for t in args.tasks] + ([(args.large, min(args.tasks))] if args.large else [])
     for model, t in plan:
         floor = _run_child(
@@ -178,7 +192,7 @@ def main(argv=None) -> int:
                 "device": args.device,
             }
         )
-        for method in args.methods:
+        for label, method, batching in variants:
             r = _run_child(
                 {
                     "model": model,
@@ -188,26 +202,30 @@ def main(argv=None) -> int:
                     "n_steps": args.n_steps,
                     "device": args.device,
                     "precision": args.precision,
-                    "task_batching": args.task_batching,
+                    "task_batching": batching,
                 }
             )
-            r.setdefault("model", model)
-            r.setdefault("n_tasks", t)
-            r.setdefault("method", method)
+            r.update(model=model, n_tasks=t, method=label)
             if "seconds_per_step" in r and "seconds_per_step" in floor:
                 r["step_over_floor"] = r["seconds_per_step"] / floor["seconds_per_step"]
             r["floor_seconds"] = floor.get("seconds_per_step")
             rows.append(r)
             print(_fmt(r), flush=True)
-    for method in args.methods:
-        peaks = {
-            r["n_tasks"]: r.get("peak_extra_mb")
-            for r in rows
-            if r["method"] == method and r["model"] == args.model and r.get("peak_extra_mb")
-        }
-        if len(peaks) >= 2:
-            lo, hi = min(peaks), max(peaks)
-            print(f"{method}: peak(T={hi}) / peak(T={lo}) = {peaks[hi] / peaks[lo]:.2f}")
+    print(
+        f"targets: peak(T={max(args.tasks)})/peak(T={min(args.tasks)}) <= 1.25, "
+        "peak <= 8x encoder bytes, step <= 1.5x floor"
+    )
+    for label, _, _ in variants:
+        mine = [r for r in rows if r["method"] == label and r["model"] == args.model and r.get("peak_extra_mb")]
+        if len(mine) >= 2:
+            lo = min(mine, key=lambda r: r["n_tasks"])
+            hi = max(mine, key=lambda r: r["n_tasks"])
+            ratio = hi["peak_extra_mb"] / lo["peak_extra_mb"]
+            line = f"{label}: peak(T={hi['n_tasks']}) / peak(T={lo['n_tasks']}) = {ratio:.2f}"
+            line += f"; at T={hi['n_tasks']}: {hi['peak_over_param_bytes']:.1f}x encoder bytes"
+            if "step_over_floor" in hi:
+                line += f", {hi['step_over_floor']:.2f}x floor"
+            print(line)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
@@ -216,7 +234,7 @@ def main(argv=None) -> int:
 
 def _fmt(r):
     if "error" in r:
-        return f"{r['model']:<9} T={r['n_tasks']:<2} {r['method']:<21} ERROR {r['error']}"
+        return f"{r['model']:<9} T={r['n_tasks']:<2} {r['method']:<22} ERROR {r['error']}"
     step = f"{r['seconds_per_step']:.3f} s/step" if "seconds_per_step" in r else "      -     "
     ratio = f" ({r['step_over_floor']:.2f}× floor)" if "step_over_floor" in r else ""
     mem = (
@@ -224,7 +242,7 @@ def _fmt(r):
         if "peak_extra_mb" in r
         else ""
     )
-    return f"{r['model']:<9} T={r['n_tasks']:<2} {r['method']:<21} {step}{ratio}  {mem}"
+    return f"{r['model']:<9} T={r['n_tasks']:<2} {r['method']:<22} {step}{ratio}  {mem} ({r.get('memory', '')})"
 
 
 if __name__ == "__main__":

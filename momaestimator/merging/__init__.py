@@ -5,9 +5,9 @@ Base merges on state dicts (:func:`task_arithmetic`, :func:`ties_merging`,
 (:class:`GlobalMask`, :class:`Rotations`, objectives) and the fitting loop (:func:`fit_moma`).
 """
 
-from .fit import FitConfig, FitResult, fit_moma, moma_logits, teacher_targets
+from .fit import FitConfig, FitResult, fit_moma, moma_logits, task_groups, teacher_targets
 from .functional import absorb_heads, clone_with_state, first_linear_weight, structure_copy
-from .mask import GlobalMask, masked_merge
+from .mask import GlobalMask, masked_merge, score_gradient
 from .objectives import entropy, feature_alignment, kl_to_teacher
 from .rotation import Rotations, rotation_angles
 from .task_arithmetic import multitask_vector, task_arithmetic, ties_merging, weight_averaging
@@ -29,8 +29,10 @@ __all__ = [
     "moma_logits",
     "multitask_vector",
     "rotation_angles",
+    "score_gradient",
     "structure_copy",
     "task_arithmetic",
+    "task_groups",
     "task_vector",
     "teacher_targets",
     "ties_merging",

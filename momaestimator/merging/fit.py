@@ -16,11 +16,11 @@ import torch
 from torch.func import functional_call
 
 from .functional import encode
-from .mask import GlobalMask, masked_merge
+from .mask import GlobalMask, masked_merge, score_gradient
 from .objectives import OBJECTIVES
 from .rotation import Rotations
 
-__all__ = ["FitConfig", "FitResult", "fit_moma", "moma_logits", "teacher_targets"]
+__all__ = ["FitConfig", "FitResult", "fit_moma", "moma_logits", "task_groups", "teacher_targets"]
 
 
 @dataclass
@@ -53,8 +53,8 @@ class FitConfig:
         Generator-to-rotation map.
     autocast_dtype : torch.dtype or None, default=None
         Autocast dtype of the encoder's forward pass.
-    task_batching : {"joint", "sequential"}, default="joint"
-        One forward over every task's batch, or one task at a time with accumulated gradients.
+    task_batching : {"joint", "sequential"} or int, default="sequential"
+        Tasks per forward/backward pass (:func:`task_groups`); gradients accumulate over passes.
     verbose : int, default=0
         Verbosity.
 
@@ -76,7 +76,7 @@ class FitConfig:
     eval_every: int = 10
     rotation_map: str = "exp"
     autocast_dtype: torch.dtype | None = None
-    task_batching: str = "joint"
+    task_batching: str | int = "sequential"
     verbose: int = 0
 
 
@@ -244,39 +244,101 @@ def merged_state(theta0, tau, keep, scaling):
     }
 
 
-def _current_theta(theta0, tau, mask: GlobalMask | None, scaling, fixed):
-    if mask is None:
-        return fixed
-    merged = mask.merge(theta0, tau, scaling)
-    return {k: merged.get(k, v) for k, v in theta0.items()}
+def task_groups(tasks, task_batching) -> list[list[int]]:
+    """Task indices per forward/backward pass: all at once, one by one, or ``k`` at a time.
+
+    Parameters
+    ----------
+    tasks : list of str
+        Task names, in order.
+    task_batching : {"joint", "sequential"} or int
+        ``"joint"`` = every task in one pass, ``"sequential"`` = one task per pass, an int ``k`` =
+        ``k`` tasks per pass.
+
+    Returns
+    -------
+    list of list of int
+
+    Examples
+    --------
+    >>> task_groups(["a", "b", "c"], 2)
+    [[0, 1], [2]]
+    >>> task_groups(["a", "b", "c"], "joint"), task_groups(["a", "b"], "sequential")
+    ([[0, 1, 2]], [[0], [1]])
+    """
+    n = len(tasks)
+    per_pass = {"joint": n, "sequential": 1}.get(task_batching, task_batching)
+    per_pass = max(1, min(int(per_pass), n))
+    return [list(range(i, min(i + per_pass, n))) for i in range(0, n, per_pass)]
+
+
+@torch.no_grad()
+def _refresh_theta(ctx):
+    """The merged weights for the current scores, rewritten in place into the persistent leaves."""
+    if ctx.mask is None:
+        return ctx.fixed_theta
+    ctx.threshold = ctx.mask.threshold()
+    ctx.mask.merge_into(ctx.leaves, ctx.theta0, ctx.tau, ctx.cfg.scaling, ctx.threshold)
+    return ctx.theta
 
 
 def train_step(ctx, batches, step):
-    """One optimisation step over a batch of every task; returns (total loss, {task: loss})."""
-    if ctx.cfg.task_batching == "sequential":
-        return _train_step_sequential(ctx, batches, step)
-    theta = _current_theta(ctx.theta0, ctx.tau, ctx.mask, ctx.cfg.scaling, ctx.fixed_theta)
-    xs = torch.cat([ctx.x_train[t][idx] for t, idx in batches.items()])
-    with _autocast(xs, ctx.cfg.autocast_dtype):
-        z_all = encode(ctx.skeleton, theta, xs)
-    z_all = z_all.to(ctx.dtype)
-    losses, offset = {}, 0
-    for i, (task, idx) in enumerate(batches.items()):
-        z = z_all[offset : offset + len(idx)]
-        offset += len(idx)
-        if ctx.rotations is not None:
-            z = z @ ctx.rotations.matrix(i).T
-        logits = _head_logits(ctx.heads[task], z)
-        t_logits, t_feats = ctx.targets_train[task]
-        losses[task] = ctx.loss_fn(logits, t_logits[idx], z, t_feats[idx])
-    _check_finite(losses, step)
-    total = sum(losses.values())
+    """One optimisation step over a batch of every task; returns (total loss, {task: loss}).
+
+    The tasks are run in passes (:func:`task_groups`); the gradients of the merged weights
+    accumulate over the passes and become score gradients once, after the last one (or inside its
+    backward, tensor by tensor, when there is a single pass). The step is the same whatever the
+    grouping, up to float rounding; only the activation memory (one pass's batch) and the speed
+    differ.
+    """
+    theta = _refresh_theta(ctx)
     if ctx.optimizer is not None:
         ctx.optimizer.zero_grad(set_to_none=True)
-    total.backward()  # also steps the mask scores (see fit_moma)
+    items = list(batches.items())
+    losses = {}
+    for group in ctx.groups:
+        xs = torch.cat([ctx.x_train[items[i][0]][items[i][1]] for i in group])
+        with _autocast(xs, ctx.cfg.autocast_dtype):
+            z_all = encode(ctx.skeleton, theta, xs)
+        z_all = z_all.to(ctx.dtype)
+        group_losses, offset = {}, 0
+        for i in group:
+            task, idx = items[i]
+            z = z_all[offset : offset + len(idx)]
+            offset += len(idx)
+            if ctx.rotations is not None:
+                z = z @ ctx.rotations.matrix(i).T
+            t_logits, t_feats = ctx.targets_train[task]
+            group_losses[task] = ctx.loss_fn(_head_logits(ctx.heads[task], z), t_logits[idx], z, t_feats[idx])
+        _check_finite(group_losses, step)
+        sum(group_losses.values()).backward()  # a single pass also steps the mask scores (see fit_moma)
+        losses.update({t: float(v.detach()) for t, v in group_losses.items()})
+        del z_all, z, group_losses
+    if ctx.mask is not None and len(ctx.groups) > 1:
+        for i, w in enumerate(ctx.leaves.values()):
+            if w.grad is not None:
+                _step_scores(ctx, i, w.grad)
+                w.grad.zero_()  # keep the buffer: no encoder-sized allocation per step
     if ctx.optimizer is not None:
         ctx.optimizer.step()
-    return float(total.detach()), {t: float(v.detach()) for t, v in losses.items()}
+    return sum(losses.values()), losses
+
+
+def _step_scores(ctx, i, grad_merged):
+    """Turn one merged tensor's gradient into its scores' gradient and take their Adam step."""
+    k = ctx.mask.names[i]
+    score = ctx.mask.scores[i]
+    score.grad = score_gradient(grad_merged, score, ctx.threshold, ctx.tau[k], ctx.cfg.scaling)
+    ctx.score_optimizers[i].step()
+    score.grad = None
+
+
+def _step_in_backward(ctx, i):
+    def hook(leaf):
+        _step_scores(ctx, i, leaf.grad)
+        leaf.grad = None  # no gradient buffer survives the backward pass
+
+    return hook
 
 
 def _check_finite(losses, step):
@@ -287,39 +349,12 @@ def _check_finite(losses, step):
         )
 
 
-def _train_step_sequential(ctx, batches, step):
-    """The same step, one task at a time: activations of one task's batch only, gradients accumulated.
-
-    The merged weights are rebuilt for every task (T times the mask's elementwise work per step) and
-    the score gradients need one encoder-sized buffer; in exchange the activation memory no longer
-    grows with the number of tasks. The gradient is the joint step's, up to float rounding.
-    """
-    ctx.optimizer.zero_grad(set_to_none=True)
-    losses = {}
-    for i, (task, idx) in enumerate(batches.items()):
-        theta = _current_theta(ctx.theta0, ctx.tau, ctx.mask, ctx.cfg.scaling, ctx.fixed_theta)
-        x = ctx.x_train[task][idx]
-        with _autocast(x, ctx.cfg.autocast_dtype):
-            z = encode(ctx.skeleton, theta, x)
-        z = z.to(ctx.dtype)
-        if ctx.rotations is not None:
-            z = z @ ctx.rotations.matrix(i).T
-        t_logits, t_feats = ctx.targets_train[task]
-        loss = ctx.loss_fn(_head_logits(ctx.heads[task], z), t_logits[idx], z, t_feats[idx])
-        _check_finite({task: loss}, step)
-        loss.backward()
-        losses[task] = float(loss.detach())
-        del theta, z, loss
-    ctx.optimizer.step()
-    return sum(losses.values()), losses
-
-
 @torch.no_grad()
 def validation_loss(ctx) -> float:
     """Objective on the held-out unlabeled samples (no labels), summed over tasks."""
     if not ctx.x_val:
         return math.nan
-    theta = _current_theta(ctx.theta0, ctx.tau, ctx.mask, ctx.cfg.scaling, ctx.fixed_theta)
+    theta = _refresh_theta(ctx)
     total = 0.0
     for i, task in enumerate(ctx.tasks):
         x = ctx.x_val[task]
@@ -328,14 +363,6 @@ def validation_loss(ctx) -> float:
         t_logits, t_feats = ctx.targets_val[task]
         total += float(ctx.loss_fn(logits, t_logits, z, t_feats))
     return total
-
-
-def _step_in_backward(optimizer):
-    def hook(param):
-        optimizer.step()
-        param.grad = None
-
-    return hook
 
 
 class _Context:
@@ -415,30 +442,35 @@ def fit_moma(
         else None
     )
     ctx.fixed_theta = None if ctx.mask is not None else merged_state(theta0, tau, None, cfg.scaling)
-    # Fused Adam updates in place without full-size temporaries. The mask scores (one per encoder
-    # weight) are stepped inside backward, tensor by tensor, as soon as their gradient is ready, and
-    # the gradient is dropped at once: no full-size gradient buffer ever exists.
-    # With sequential task batching the gradient is accumulated over tasks, so one ordinary optimiser
-    # steps everything after the last task.
+    ctx.groups = task_groups(ctx.tasks, cfg.task_batching)
+    # One set of merged weights for the whole fit, rewritten in place every step: leaves whose
+    # gradients become score gradients (straight-through, see `score_gradient`).
+    ctx.leaves, ctx.theta, ctx.threshold = {}, theta0, None
+    if ctx.mask is not None:
+        ctx.leaves = {k: torch.empty_like(tau[k]).requires_grad_() for k in ctx.mask.names}
+        ctx.theta = {**theta0, **ctx.leaves}
+    # Fused Adam updates in place without full-size temporaries; one optimiser per score tensor so
+    # that each tensor's scores can be stepped as soon as their gradient exists. With a single pass
+    # per step that happens inside backward, and the gradient is dropped at once: no encoder-sized
+    # gradient buffer ever exists. With several passes the merged weights' gradients accumulate
+    # (one encoder-sized buffer, kept across steps) and are turned into score steps after the last.
     ctx.optimizer = None
-    groups = []
     if ctx.rotations is not None:
-        groups.append({"params": list(ctx.rotations.parameters()), "lr": cfg.rotation_lr})
-    if ctx.mask is not None and cfg.task_batching == "sequential":
-        groups.append({"params": list(ctx.mask.scores), "lr": cfg.lr})
-    if groups:
-        ctx.optimizer = torch.optim.Adam(groups, fused=True)
+        ctx.optimizer = torch.optim.Adam(list(ctx.rotations.parameters()), lr=cfg.rotation_lr, fused=True)
+    ctx.score_optimizers = []
     hooks = []
-    if ctx.mask is not None and cfg.task_batching != "sequential":
-        for p in ctx.mask.scores:
-            hooks.append(
-                p.register_post_accumulate_grad_hook(_step_in_backward(torch.optim.Adam([p], lr=cfg.lr, fused=True)))
-            )
+    if ctx.mask is not None:
+        ctx.score_optimizers = [torch.optim.Adam([p], lr=cfg.lr, fused=True) for p in ctx.mask.scores]
+        if len(ctx.groups) == 1:
+            hooks = [
+                w.register_post_accumulate_grad_hook(_step_in_backward(ctx, i))
+                for i, w in enumerate(ctx.leaves.values())
+            ]
     ctx.learns = ctx.mask is not None or ctx.rotations is not None
 
-    def snapshot():
+    def snapshot():  # the binary mask (1 byte per weight), not the scores: all the result needs
         return (
-            ctx.mask.state() if ctx.mask is not None else None,
+            {k: v.cpu() for k, v in ctx.mask.binary().items()} if ctx.mask is not None else None,
             [g.detach().clone() for g in ctx.rotations.parameters()] if ctx.rotations is not None else None,
         )
 
@@ -472,15 +504,14 @@ def fit_moma(
             raise
     for h in hooks:
         h.remove()
+    ctx.leaves = ctx.theta = None  # free the merged weights before the final mask is computed
     if not ctx.x_val:
         best_state, best_step = (None, None), n_iter
 
-    scores, gens = best_state
+    best_mask, gens = best_state
     with torch.no_grad():
         if ctx.mask is not None:
-            if scores is not None:
-                ctx.mask.load(scores)
-            mask = {k: v.cpu() for k, v in ctx.mask.binary().items()}
+            mask = best_mask if best_mask is not None else {k: v.cpu() for k, v in ctx.mask.binary().items()}
         else:
             mask = {k: torch.ones(v.shape, dtype=torch.bool) for k, v in tau.items()}
         if ctx.rotations is not None:

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["GlobalMask", "masked_merge"]
+__all__ = ["GlobalMask", "masked_merge", "score_gradient"]
 
 
 def masked_merge(theta0: torch.Tensor, tau: torch.Tensor, keep, scaling: float) -> torch.Tensor:
@@ -70,9 +70,41 @@ class _StraightThroughMerge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         scores, threshold, tau = ctx.saved_tensors
-        sig = torch.sigmoid(scores - threshold)
-        surrogate = sig.mul_(1 - sig).mul_(ctx.scaling)
-        return grad_out * tau * surrogate, None, None, None, None
+        return score_gradient(grad_out, scores, threshold, tau, ctx.scaling), None, None, None, None
+
+
+def score_gradient(grad_merged, scores, threshold, tau, scaling) -> torch.Tensor:
+    """Straight-through gradient of the scores from the gradient of the merged weights.
+
+    ``∂L/∂s = ∂L/∂θ · λ τ · σ'(s - t)``: the hard mask's derivative is replaced by that of a
+    sigmoid centred on the cut ``t``. Works tensor by tensor; the result has the scores' dtype.
+
+    Parameters
+    ----------
+    grad_merged : torch.Tensor
+        ``∂L/∂θ`` of one merged entry.
+    scores : torch.Tensor
+        That entry's mask scores.
+    threshold : torch.Tensor
+        The current cut (:meth:`GlobalMask.threshold`).
+    tau : torch.Tensor
+        That entry of ``τ_MT``.
+    scaling : float
+        λ.
+
+    Returns
+    -------
+    torch.Tensor
+
+    Examples
+    --------
+    >>> import torch
+    >>> score_gradient(torch.ones(2), torch.zeros(2), torch.tensor(0.0), torch.tensor([1.0, -2.0]), 1.0)
+    tensor([ 0.2500, -0.5000])
+    """
+    sig = torch.sub(scores.detach(), threshold).sigmoid_()
+    surrogate = sig.mul_(1 - sig).mul_(scaling)
+    return surrogate.mul_(tau).mul_(grad_merged).to(scores.dtype)
 
 
 class GlobalMask(nn.Module):
@@ -157,6 +189,30 @@ class GlobalMask(nn.Module):
         return {
             k: _StraightThroughMerge.apply(s, thr, theta0[k], tau[k], scaling) for k, s in zip(self.names, self.scores)
         }
+
+    @torch.no_grad()
+    def merge_into(self, out: dict, theta0: dict, tau: dict, scaling: float, threshold=None) -> None:
+        """Write ``θ_0 + λ (m ⊙ τ)`` with the current hard mask into the tensors of ``out``, in place.
+
+        The same arithmetic as :func:`masked_merge` (so the same bits), without new full-size
+        tensors: fitting keeps one set of merged weights for its whole run.
+
+        Parameters
+        ----------
+        out : dict of str to torch.Tensor
+            Preallocated tensors, one per key of this mask, overwritten.
+        theta0, tau : dict of str to torch.Tensor
+            Pretrained weights and ``τ_MT``.
+        scaling : float
+            λ.
+        threshold : torch.Tensor, optional
+            The cut (default: :meth:`threshold`).
+        """
+        thr = self.threshold() if threshold is None else threshold
+        for k, s in zip(self.names, self.scores):
+            w = out[k]
+            torch.mul(tau[k], s > thr, out=w)
+            w.mul_(scaling).add_(theta0[k])
 
     @torch.no_grad()
     def state(self) -> list[torch.Tensor]:
