@@ -3,6 +3,8 @@
 Marked ``gpu``; skipped (and listed as skipped by ``-ra``) on machines without CUDA.
 """
 
+import copy
+
 import pytest
 import torch
 from conftest import fingerprint_all
@@ -44,4 +46,41 @@ def test_mixed_precision_fit_runs_and_keeps_fp32_state(problem, unlabeled, preci
     m = MOMAMerger(pre, experts, heads, n_steps=5, precision=precision, device="cuda", random_state=0)
     m.fit(unlabeled)
     assert all(q.dtype == torch.float32 for q in m.rotations_.values())
-    assert 0.0 <= m.score(data) <= 1.0
+    assert all(p.dtype == torch.float32 for p in m.transform().parameters())  # autocast is fit-time only
+    full = MOMAMerger(pre, experts, heads, n_steps=5, device="cuda", random_state=0).fit(unlabeled)
+    assert m.score(data) == pytest.approx(full.score(data), abs=0.15)
+
+
+def test_user_modules_on_cuda_stay_there_and_the_merged_model_is_returned_there(problem, unlabeled):
+    pre, experts, heads, data = problem
+    pre_c = copy.deepcopy(pre).cuda()
+    experts_c = {t: copy.deepcopy(m).cuda() for t, m in experts.items()}
+    heads_c = {t: copy.deepcopy(h).cuda() for t, h in heads.items()}
+    before = fingerprint_all(pre_c, experts_c, heads_c)
+    kw = dict(n_steps=10, sparsity=0.2, validation_fraction=0.0, random_state=0)
+    on_gpu = MOMAMerger(pre_c, experts_c, heads_c, device="cuda", **kw).fit(unlabeled)  # CPU inputs are moved
+    assert fingerprint_all(pre_c, experts_c, heads_c) == before
+    model = on_gpu.transform()
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    on_cpu = MOMAMerger(pre, experts, heads, device="cpu", **kw).fit(unlabeled)
+    x, _ = data["task1"]
+    with torch.no_grad():
+        a = model(x.cuda(), "task1").cpu()
+        b = on_cpu.transform()(x, "task1")
+    # the two fits may differ in a few mask entries (float reductions differ between devices)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.95
+    assert on_gpu.score({t: (xy[0].cuda(), xy[1].cuda()) for t, xy in data.items()}) == pytest.approx(
+        on_cpu.score(data), abs=0.1
+    )
+
+
+@pytest.mark.parametrize("batching", ["joint", "sequential", 2])
+def test_task_batchings_agree_on_cuda(problem, unlabeled, batching):
+    pre, experts, heads, _ = problem
+    kw = dict(n_steps=6, sparsity=0.2, rotation_lr=0.01, validation_fraction=0.0, random_state=0, device="cuda")
+    ref = MOMAMerger(pre, experts, heads, task_batching="joint", **kw).fit(unlabeled)
+    other = MOMAMerger(pre, experts, heads, task_batching=batching, **kw).fit(unlabeled)
+    for a, b in zip(ref.history_, other.history_):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+    agree = sum(int((ref.mask_[k] == other.mask_[k]).sum()) for k in ref.mask_)
+    assert agree / sum(m.numel() for m in ref.mask_.values()) > 0.99
