@@ -4,22 +4,26 @@ Run ``python -m momaestimator.bench.scale`` (``--help`` for options). For T = 2,
 prints, per method: seconds per optimisation step, the peak memory ``fit`` adds beyond the user's
 models (CPU: resident set size; GPU: allocator peak), that peak as a multiple of one encoder's
 parameter bytes, the ratio peak(T=max)/peak(T=min), and the ratio of a step to one plain
-forward + backward of the encoder on the same batch (the floor). Each measurement runs in a fresh
-subprocess so that one run's allocations do not hide the next one's. Weights are random: cost does
-not depend on training.
+forward + backward of the encoder on the same samples (the floor, timed in the same process right
+after each fit). On CPU each measurement runs in a fresh subprocess, so that one run's allocations
+do not hide the next one's (the resident set only grows); on CUDA they run in one process, with the
+allocator's peak reset for each. Weights are random: cost does not depend on training.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 
-__all__ = ["build_tower", "main", "measure"]
+__all__ = ["build_tower", "floor_seconds", "main", "measure"]
 
 
 def build_tower(model: str, seed: int = 0):
@@ -46,31 +50,18 @@ def measure(
     precision=None,
     task_batching="joint",
 ) -> dict:
-    """One measurement (run it in a fresh process): build models, then time and measure ``fit``."""
+    """One measurement (on CPU run it in a fresh process): time ``fit`` and measure its peak memory."""
     import torch
 
     from ..baselines import AdaMerging
     from ..merger import MOMAMerger
     from ..merging import task_arithmetic
-    from ..models import LinearHead
     from .measure import PeakMemory
 
-    pre, cfg = build_tower(model)
-    size = cfg["vision_cfg"]["image_size"]
-    dim = cfg["embed_dim"]
-    gen = torch.Generator().manual_seed(1)
-    experts, heads, X = {}, {}, {}
-    for t in range(n_tasks):  # experts = pretrained + small random task vectors, on the CPU
-        expert = copy.deepcopy(pre)
-        with torch.no_grad():
-            for p in expert.parameters():
-                p.add_(torch.randn(p.shape, generator=gen).mul_(1e-3))
-        experts[f"t{t}"] = expert
-        heads[f"t{t}"] = LinearHead(torch.randn(10, dim, generator=gen))
-        X[f"t{t}"] = torch.randn(2 * batch_size, 3, size, size, generator=gen)
+    pre, experts, heads, X = _problem(model, n_tasks, batch_size)
     # the user's pretrained encoder lives on the fit device (a GPU user's model is on the GPU), so
     # "extra" memory is what fitting adds beyond it; the experts stay on the CPU
-    pre = pre.to(device)
+    pre = copy.deepcopy(pre).to(device)
     n_params = sum(p.numel() for p in pre.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in pre.parameters())
     out = {
@@ -82,18 +73,6 @@ def measure(
         "device": device,
     }
 
-    if method == "floor":  # one plain forward + backward of the encoder on the whole batch
-        enc = pre.to(device).train()
-        x = torch.cat(list(X.values()))[: n_tasks * batch_size].to(device)
-        times = []
-        for _ in range(max(2, n_steps)):
-            t0 = time.perf_counter()
-            enc(x).square().mean().backward()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        out["seconds_per_step"] = min(times[1:])
-        return out
     mem_device = "cpu" if method == "task_arithmetic" else device  # Task Arithmetic is CPU work
     out["memory"] = "CUDA allocated" if mem_device.startswith("cuda") else "RSS"
     with PeakMemory(mem_device) as mem:
@@ -129,8 +108,67 @@ def measure(
     out["peak_over_param_bytes"] = mem.peak_mb * 2**20 / param_bytes
     if method != "task_arithmetic":
         sec = [h["seconds"] for h in est.history_]
-        out["seconds_per_step"] = (sec[-1] - sec[0]) / max(1, len(sec) - 1)
+        out["seconds_per_step"] = statistics.median(b - a for a, b in zip(sec, sec[1:])) if len(sec) > 1 else sec[0]
+        # the floor, paired: measured in the same process right after the fit, on the same samples
+        x = torch.cat([X[t][:batch_size] for t in X]).to(device)
+        out["floor_seconds"] = floor_seconds(pre, x, repeats=max(3, n_steps), precision=precision)
+        out["step_over_floor"] = out["seconds_per_step"] / out["floor_seconds"]
     return out
+
+
+def floor_seconds(encoder, x, *, repeats=3, precision=None) -> float:
+    """Fastest of ``repeats`` plain forward + backward passes of ``encoder`` on the batch ``x``."""
+    import torch
+
+    enc = copy.deepcopy(encoder).train()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    times = []
+    for _ in range(repeats + 1):  # the first pass warms up
+        t0 = time.perf_counter()
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            out = enc(x)
+        out.float().square().mean().backward()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+@functools.lru_cache(maxsize=1)
+def _problem(model: str, n_tasks: int, batch_size: int):
+    """Pretrained tower, experts (pretrained + small random task vectors), heads and inputs, on the CPU."""
+    import torch
+
+    from ..models import LinearHead
+
+    pre, cfg = build_tower(model)
+    size = cfg["vision_cfg"]["image_size"]
+    dim = cfg["embed_dim"]
+    gen = torch.Generator().manual_seed(1)
+    experts, heads, X = {}, {}, {}
+    for t in range(n_tasks):
+        expert = copy.deepcopy(pre)
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(torch.randn(p.shape, generator=gen).mul_(1e-3))
+        experts[f"t{t}"] = expert
+        heads[f"t{t}"] = LinearHead(torch.randn(10, dim, generator=gen))
+        X[f"t{t}"] = torch.randn(2 * batch_size, 3, size, size, generator=gen)
+    return pre, experts, heads, X
+
+
+def _run_in_process(kw) -> dict:
+    """One measurement in this process (CUDA: the allocator's peak is reset per measurement)."""
+    import torch
+
+    try:
+        return measure(**kw)
+    except Exception as exc:  # noqa: BLE001 - one failed row must not stop the table
+        return {"error": [f"{type(exc).__name__}: {exc}"]}
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _run_child(args_list) -> dict:
@@ -164,6 +202,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--large", default=None, help="also run this architecture at the smallest T (e.g. ViT-L-14)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure every row in this process (default on CUDA, whose allocator peak can be reset; "
+        "on CPU the resident set only grows, so each row gets a fresh process unless this is given)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -171,6 +215,7 @@ def main(argv=None) -> int:
         kw = json.loads(args.child)
         print(json.dumps(measure(**kw)))
         return 0
+    run = _run_in_process if (args.in_process or args.device.startswith("cuda")) else _run_child
     rows = []
     variants = []  # (label, method, task_batching)
     for method in args.methods:
@@ -182,18 +227,8 @@ def main(argv=None) -> int:
             variants.append((method, method, None))
     plan = [(args.model, t) for t in args.tasks] + ([(args.large, min(args.tasks))] if args.large else [])
     for model, t in plan:
-        floor = _run_child(
-            {
-                "model": model,
-                "n_tasks": t,
-                "method": "floor",
-                "batch_size": args.batch_size,
-                "n_steps": args.n_steps,
-                "device": args.device,
-            }
-        )
         for label, method, batching in variants:
-            r = _run_child(
+            r = (_run_child if method == "task_arithmetic" else run)(
                 {
                     "model": model,
                     "n_tasks": t,
@@ -206,9 +241,6 @@ def main(argv=None) -> int:
                 }
             )
             r.update(model=model, n_tasks=t, method=label)
-            if "seconds_per_step" in r and "seconds_per_step" in floor:
-                r["step_over_floor"] = r["seconds_per_step"] / floor["seconds_per_step"]
-            r["floor_seconds"] = floor.get("seconds_per_step")
             rows.append(r)
             print(_fmt(r), flush=True)
     print(

@@ -103,8 +103,8 @@ def score_gradient(grad_merged, scores, threshold, tau, scaling) -> torch.Tensor
     tensor([ 0.2500, -0.5000])
     """
     sig = torch.sub(scores.detach(), threshold).sigmoid_()
-    surrogate = sig.mul_(1 - sig).mul_(scaling)
-    return surrogate.mul_(tau).mul_(grad_merged).to(scores.dtype)
+    grad = torch.mul(grad_merged, tau).mul_(scaling).to(sig.dtype)
+    return torch.ops.aten.sigmoid_backward(grad, sig)  # grad · σ(1 - σ) in one pass
 
 
 class GlobalMask(nn.Module):

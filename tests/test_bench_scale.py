@@ -1,0 +1,38 @@
+"""The scale script end to end on a small open_clip architecture (ViT-S/32, random weights)."""
+
+import json
+
+import pytest
+
+from momaestimator.bench import scale
+
+
+def test_scale_script_prints_every_row_and_the_target_summary(tmp_path, capsys):
+    out = tmp_path / "scale.json"
+    argv = ["--model", "ViT-S-32", "--tasks", "1", "2", "--n-steps", "3", "--batch-size", "1"]
+    argv += ["--methods", "moma", "--task-batching", "sequential", "joint", "--in-process", "--out", str(out)]
+    assert scale.main(argv) == 0
+    text = capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert [(r["n_tasks"], r["method"]) for r in rows] == [
+        (1, "moma[sequential]"),
+        (1, "moma[joint]"),
+        (2, "moma[sequential]"),
+        (2, "moma[joint]"),
+    ]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["encoder_params"] > 20_000_000  # a real ViT-S/32 tower
+        assert r["seconds_per_step"] > 0 and r["floor_seconds"] > 0
+        assert r["step_over_floor"] == r["seconds_per_step"] / r["floor_seconds"]
+        assert r["peak_over_param_bytes"] * 4 * r["encoder_params"] == pytest.approx(r["peak_extra_mb"] * 2**20)
+        assert r["memory"] == "RSS"
+    assert "moma[sequential]: peak(T=2) / peak(T=1) = " in text
+    assert text.count("× floor") == 4
+
+
+def test_scale_script_reports_a_failing_row_instead_of_stopping(capsys):
+    argv = ["--model", "ViT-S-32", "--tasks", "1", "--n-steps", "1", "--batch-size", "1"]
+    argv += ["--methods", "moma", "--task-batching", "0", "--in-process"]
+    assert scale.main(argv) == 0
+    assert "ERROR" in capsys.readouterr().out
