@@ -392,7 +392,7 @@ class MOMAMerger(BaseEstimator):
             for t, s in fts.items():
                 state = _load_state(s, t)
                 for k in tau:
-                    tau[k] += state[k] - pre_state[k]
+                    tau[k] += state[k].to(pre_state[k].device) - pre_state[k]
                 del state
         else:  # modules (no copies), or TIES, whose passes need every expert
             states = {t: _load_state(s, t) for t, s in fts.items()}

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# GPU checks in one go (run on a machine with CUDA and PyTorch already installed):
-#   1. the `gpu`-marked tests (CPU/GPU parity of the absorbed model, mixed precision),
-#   2. the scale benchmark on CUDA (ViT-B/32 T=2/4/8 and ViT-L/14 T=2).
+# GPU checks in one go, on a machine with CUDA and PyTorch installed:
+#   1. the `gpu`-marked tests (CPU/GPU parity of the absorbed model, user modules on their own
+#      device, task batchings, mixed precision),
+#   2. the scale benchmark on CUDA: ViT-B/32 T=2/4/8 (MOMA sequential and joint, AdaMerging),
+#      ViT-L/14 T=2, and ViT-B/32 T=8 with bf16 autocast.
 # Extra wheels (open_clip_torch, ftfy, wcwidth) may be put in .whl/ when the machine has no index.
-# Results go to ${OUT:-gpu-out}/.
+# Results go to ${OUT:-gpu-out}/. Each part has its own time limit (seconds): TESTS_S, B32_S, L14_S, BF16_S.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -14,9 +16,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-$PY -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__, 'cuda', torch.cuda.is_available())"
-$PY -m pytest -q -ra -p no:cacheprovider -o addopts="" tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
-BATCH=${BATCH:-16}
-STEPS=${STEPS:-5}
-$PY -m momaestimator.bench.scale --device cuda --batch-size "$BATCH" --n-steps "$STEPS" \
-  --tasks ${TASKS:-2 4 8} ${SCALE_ARGS:-} --out "$OUT/scale_cuda.json" 2>&1 | tee "$OUT/scale_cuda.txt"
+$PY -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__)"
+timeout "${TESTS_S:-60}" $PY -m pytest -q -ra -p no:cacheprovider -o addopts="" tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
+SCALE="$PY -m momaestimator.bench.scale --device cuda --batch-size ${BATCH:-16} --n-steps ${STEPS:-5}"
+timeout "${B32_S:-150}" $SCALE --tasks 2 4 8 --methods moma adamerging_layerwise --task-batching sequential joint \
+  --out "$OUT/scale_cuda_b32.json" 2>&1 | tee "$OUT/scale_cuda_b32.txt"
+timeout "${L14_S:-80}" $SCALE --model ViT-L-14 --tasks 2 --methods moma --task-batching sequential joint \
+  --out "$OUT/scale_cuda_l14.json" 2>&1 | tee "$OUT/scale_cuda_l14.txt"
+timeout "${BF16_S:-40}" $SCALE --tasks 8 --methods moma --task-batching sequential --precision bf16 \
+  --out "$OUT/scale_cuda_bf16.json" 2>&1 | tee "$OUT/scale_cuda_bf16.txt"

@@ -51,10 +51,11 @@ def test_mixed_precision_fit_runs_and_keeps_fp32_state(problem, unlabeled, preci
     assert m.score(data) == pytest.approx(full.score(data), abs=0.15)
 
 
-def test_user_modules_on_cuda_stay_there_and_the_merged_model_is_returned_there(problem, unlabeled):
+@pytest.mark.parametrize("experts_on", ["cuda", "cpu"])
+def test_user_modules_on_cuda_stay_there_and_the_merged_model_is_returned_there(problem, unlabeled, experts_on):
     pre, experts, heads, data = problem
     pre_c = copy.deepcopy(pre).cuda()
-    experts_c = {t: copy.deepcopy(m).cuda() for t, m in experts.items()}
+    experts_c = {t: copy.deepcopy(m).to(experts_on) for t, m in experts.items()}  # experts may stay on the CPU
     heads_c = {t: copy.deepcopy(h).cuda() for t, h in heads.items()}
     before = fingerprint_all(pre_c, experts_c, heads_c)
     kw = dict(n_steps=10, sparsity=0.2, validation_fraction=0.0, random_state=0)

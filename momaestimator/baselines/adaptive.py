@@ -196,7 +196,10 @@ class AdaMerging(_DataMerger):
         check_is_fitted(self, "coefficients_")
         pre = as_state_dict(self.pretrained_encoder)
         fts = V.check_task_dict(self.finetuned_encoders, "finetuned_encoders")
-        taus = {k: torch.stack([as_state_dict(fts[t])[k] - pre[k] for t in self.tasks_]) for k in self.keys_}
+        taus = {
+            k: torch.stack([as_state_dict(fts[t])[k].to(pre[k].device) - pre[k] for t in self.tasks_])
+            for k in self.keys_
+        }
         with torch.no_grad():
             theta = self._merge(pre, taus, self.coefficients_.to(next(iter(pre.values())).device), self.keys_)
         encoder = clone_with_state(self.pretrained_encoder, theta)

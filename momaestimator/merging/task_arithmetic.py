@@ -68,7 +68,7 @@ def multitask_vector(pretrained, finetuned, *, base="task_arithmetic", top_k=0.2
             if is_mergeable(v):
                 acc = torch.zeros_like(v)
                 for ft in fts.values():
-                    acc += ft[k] - v
+                    acc += ft[k].to(v.device) - v  # experts may live elsewhere (e.g. CPU)
                 out[k] = acc
         return out
     if base == "ties":
@@ -132,7 +132,7 @@ def weight_averaging(finetuned, pretrained=None):
         if is_mergeable(v):
             acc = torch.zeros_like(v)
             for ft in fts.values():
-                acc += ft[k]
+                acc += ft[k].to(acc.device)
             out[k] = acc / len(fts)
         else:
             out[k] = v.clone()
@@ -188,7 +188,7 @@ def ties_thresholds(pre: dict, fts: dict, top_k: float) -> dict[str, torch.Tenso
     keys = [k for k, v in pre.items() if is_mergeable(v)]
     out = {}
     for task, ft in fts.items():
-        flat = torch.cat([(ft[k] - pre[k]).abs().flatten() for k in keys])
+        flat = torch.cat([(ft[k].to(pre[k].device) - pre[k]).abs().flatten() for k in keys])
         n = flat.numel()
         kth = n - int(n * top_k)
         out[task] = flat.kthvalue(max(kth, 1)).values
@@ -203,7 +203,7 @@ def _ties_vector(pre: dict, fts: dict, *, top_k: float, merge: str) -> dict[str,
     keys = [k for k, v in pre.items() if is_mergeable(v)]
 
     def trimmed(task, k):
-        tv = fts[task][k] - pre[k]
+        tv = fts[task][k].to(pre[k].device) - pre[k]
         return tv * (tv.abs() >= thresholds[task])
 
     # Elect signs from the summed trimmed mass; zeros take the sign of the grand total.

@@ -98,7 +98,7 @@ def task_vector(pretrained, finetuned) -> dict[str, torch.Tensor]:
     pre = as_state_dict(pretrained, name="pretrained")
     ft = as_state_dict(finetuned, name="finetuned")
     check_same_keys(pre, {"finetuned": ft})
-    return {k: ft[k] - v for k, v in pre.items() if is_mergeable(v)}
+    return {k: ft[k].to(v.device) - v for k, v in pre.items() if is_mergeable(v)}  # on θ_0's device
 
 
 def check_same_keys(pre: dict, finetuned: dict[str, dict]) -> None:
