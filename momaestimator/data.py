@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["TaskSamples", "iter_task_batches", "materialize_inputs", "split_inputs_and_labels"]
+__all__ = ["TaskSamples", "as_label_array", "iter_task_batches", "materialize_inputs", "split_inputs_and_labels"]
 
 
 def _to_tensor(x, *, what: str) -> torch.Tensor:
@@ -146,7 +146,7 @@ class TaskSamples:
             extra = sorted({str(t) for t in labels} - set(storage))
             if missing or extra:
                 raise ValueError(f"labels must name the same tasks as inputs; missing: {missing}, extra: {extra}")
-            lab = {str(t): np.asarray(v) for t, v in labels.items()}
+            lab = {str(t): as_label_array(v) for t, v in labels.items()}
             for t in storage:
                 if len(lab[t]) != len(storage[t]):
                     raise ValueError(
@@ -279,7 +279,7 @@ def split_inputs_and_labels(X, y=None, *, name="X"):
     """
     if isinstance(X, TaskSamples):
         sources, labels = {}, {}
-        y_arr = None if y is None else np.asarray(y)
+        y_arr = None if y is None else as_label_array(y)
         if y_arr is not None and len(y_arr) != len(X):
             raise ValueError(f"y has {len(y_arr)} labels for {len(X)} samples in {name}; expected one per sample")
         for task, pos in X.positions_by_task().items():
@@ -314,8 +314,30 @@ def split_inputs_and_labels(X, y=None, *, name="X"):
         if y is not None and str(task) in {str(k) for k in y}:
             lab = {str(k): v for k, v in y.items()}[task]
         sources[task] = src
-        labels[task] = None if lab is None else np.asarray(lab)
+        labels[task] = None if lab is None else as_label_array(lab)
     return sources, labels
+
+
+def as_label_array(labels) -> np.ndarray:
+    """Labels as a NumPy array, from a list, an array or a tensor on any device (CUDA included).
+
+    Parameters
+    ----------
+    labels : array-like or torch.Tensor
+
+    Returns
+    -------
+    numpy.ndarray
+
+    Examples
+    --------
+    >>> import torch
+    >>> as_label_array(torch.tensor([1, 0])), as_label_array([2, 3])
+    (array([1, 0]), array([2, 3]))
+    """
+    if isinstance(labels, torch.Tensor):
+        return labels.detach().cpu().numpy()
+    return np.asarray(labels)
 
 
 def iter_task_batches(source, labels=None, *, batch_size=256, task="?"):
@@ -365,7 +387,7 @@ def iter_task_batches(source, labels=None, *, batch_size=256, task="?"):
             if labels is not None:
                 y = labels[offset : offset + len(x)]
             offset += len(x)
-            yield x, (None if y is None else np.asarray(y))
+            yield x, (None if y is None else as_label_array(y))
         return
     # map-style dataset
     n = len(source)

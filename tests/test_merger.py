@@ -201,6 +201,14 @@ def test_score_is_mean_of_per_task_accuracy(problem, unlabeled):
     assert merger.score(data) == pytest.approx(np.mean(list(per_task.values())))
     y = {t: lab for t, (_, lab) in data.items()}
     assert merger.score(unlabeled, y) == pytest.approx(merger.score(data))
+    # labels as tensors, lists, arrays and from labelled loaders all score the same
+    from torch.utils.data import DataLoader, TensorDataset
+
+    as_lists = {t: (x, lab.tolist()) for t, (x, lab) in data.items()}
+    as_arrays = {t: (x.numpy(), lab.numpy()) for t, (x, lab) in data.items()}
+    loaders = {t: DataLoader(TensorDataset(x, lab), batch_size=5) for t, (x, lab) in data.items()}
+    for other in (as_lists, as_arrays, loaders):
+        assert merger.score_per_task(other) == pytest.approx(per_task)
 
 
 def test_lists_name_tasks_by_position(problem, unlabeled):
