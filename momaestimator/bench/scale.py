@@ -222,7 +222,8 @@ def main(argv=None) -> int:
         if method == "moma":
             for tb in args.task_batching:
                 tb = int(tb) if tb.isdigit() else tb
-                variants.append((f"moma[{tb}]", "moma", tb))
+                suffix = f",{args.precision}" if args.precision else ""
+                variants.append((f"moma[{tb}{suffix}]", "moma", tb))
         else:
             variants.append((method, method, None))
     plan = [(args.model, t) for t in args.tasks] + ([(args.large, min(args.tasks))] if args.large else [])
@@ -243,10 +244,11 @@ def main(argv=None) -> int:
             r.update(model=model, n_tasks=t, method=label)
             rows.append(r)
             print(_fmt(r), flush=True)
-    print(
-        f"targets: peak(T={max(args.tasks)})/peak(T={min(args.tasks)}) <= 1.25, "
-        "peak <= 8x encoder bytes, step <= 1.5x floor"
-    )
+    if len(set(args.tasks)) > 1:
+        print(
+            f"targets: peak(T={max(args.tasks)})/peak(T={min(args.tasks)}) <= 1.25, "
+            "peak <= 8x encoder bytes, step <= 1.5x floor"
+        )
     for label, _, _ in variants:
         mine = [r for r in rows if r["method"] == label and r["model"] == args.model and r.get("peak_extra_mb")]
         if len(mine) >= 2:
