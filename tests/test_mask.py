@@ -47,3 +47,19 @@ def test_exact_count_with_tied_scores_breaks_ties_by_position(monkeypatch):
     out = mask.binary()
     assert int((~out["a"]).sum()) == 15 and bool(out["b"].all())  # the first 15 positions go
     assert not out["a"][:15].any()
+
+
+def test_merge_into_writes_the_same_bits_as_masked_merge():
+    import torch
+
+    from momaestimator.merging import GlobalMask, masked_merge
+
+    gen = torch.Generator().manual_seed(0)
+    theta0 = {"a": torch.randn(5, 7, generator=gen), "b": torch.randn(11, generator=gen)}
+    tau = {k: 0.01 * torch.randn(v.shape, generator=gen) for k, v in theta0.items()}
+    mask = GlobalMask(tau, sparsity=0.3, generator=gen)
+    out = {k: torch.empty_like(v) for k, v in theta0.items()}
+    thr = mask.threshold()
+    mask.merge_into(out, theta0, tau, 0.37, thr)
+    for k, s in zip(mask.names, mask.scores):
+        assert torch.equal(out[k], masked_merge(theta0[k], tau[k], s > thr, 0.37))
