@@ -27,8 +27,12 @@ def test_scale_script_prints_every_row_and_the_target_summary(tmp_path, capsys):
         assert r["step_over_floor"] == r["seconds_per_step"] / r["floor_seconds"]
         assert r["peak_over_param_bytes"] * 4 * r["encoder_params"] == pytest.approx(r["peak_extra_mb"] * 2**20)
         assert r["memory"] == "RSS"
+        assert r["step_over_pass_floor"] == r["seconds_per_step"] / r["pass_floor_seconds"]
+        one_pass = r["method"] == "moma[joint]" or r["n_tasks"] == 1
+        # one pass: the same floor; two passes of one sample each: a separate measurement
+        assert (r["pass_floor_seconds"] == r["floor_seconds"]) == one_pass
     assert "moma[sequential]: peak(T=2) / peak(T=1) = " in text
-    assert text.count("× floor") == 4
+    assert text.count("× floor") == 4 and text.count("× same passes") == 4
 
 
 def test_scale_script_reports_a_failing_row_instead_of_stopping(capsys):

@@ -5,7 +5,9 @@ prints, per method: seconds per optimisation step, the peak memory ``fit`` adds 
 models (CPU: resident set size; GPU: allocator peak), that peak as a multiple of one encoder's
 parameter bytes, the ratio peak(T=max)/peak(T=min), and the ratio of a step to one plain
 forward + backward of the encoder on the same samples (the floor, timed in the same process right
-after each fit). On CPU each measurement runs in a fresh subprocess, so that one run's allocations
+after each fit) and to plain forward + backward passes split as the fit splits its step
+("same passes": one per task with ``task_batching="sequential"``), which isolates what the mask
+and the rotations themselves cost. On CPU each measurement runs in a fresh subprocess, so that one run's allocations
 do not hide the next one's (the resident set only grows); on CUDA they run in one process, with the
 allocator's peak reset for each. Weights are random: cost does not depend on training.
 """
@@ -56,6 +58,7 @@ def measure(
     from ..baselines import AdaMerging
     from ..merger import MOMAMerger
     from ..merging import task_arithmetic
+    from ..merging.fit import task_groups
     from .measure import PeakMemory
 
     pre, experts, heads, X = _problem(model, n_tasks, batch_size)
@@ -113,21 +116,37 @@ def measure(
         x = torch.cat([X[t][:batch_size] for t in X]).to(device)
         out["floor_seconds"] = floor_seconds(pre, x, repeats=max(3, n_steps), precision=precision)
         out["step_over_floor"] = out["seconds_per_step"] / out["floor_seconds"]
+        # the same passes as the fit (one per task group): what MOMA's own work costs on top
+        passes = task_groups(list(X), task_batching) if method == "moma" else [list(range(len(X)))]
+        if len(passes) > 1:
+            sizes = [len(g) * batch_size for g in passes]
+            out["pass_floor_seconds"] = floor_seconds(
+                pre, x, repeats=max(3, n_steps), precision=precision, passes=sizes
+            )
+        else:
+            out["pass_floor_seconds"] = out["floor_seconds"]
+        out["step_over_pass_floor"] = out["seconds_per_step"] / out["pass_floor_seconds"]
     return out
 
 
-def floor_seconds(encoder, x, *, repeats=3, precision=None) -> float:
-    """Fastest of ``repeats`` plain forward + backward passes of ``encoder`` on the batch ``x``."""
+def floor_seconds(encoder, x, *, repeats=3, precision=None, passes=None) -> float:
+    """Fastest of ``repeats`` plain forward + backward passes of ``encoder`` on the batch ``x``.
+
+    ``passes`` (sample counts summing to ``len(x)``) splits the batch into that many forward +
+    backward passes, their gradients accumulating, as a fit with several passes per step does.
+    """
     import torch
 
     enc = copy.deepcopy(encoder).train()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    chunks = torch.split(x, list(passes)) if passes else (x,)
     times = []
     for _ in range(repeats + 1):  # the first pass warms up
         t0 = time.perf_counter()
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            out = enc(x)
-        out.float().square().mean().backward()
+        for chunk in chunks:
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+                out = enc(chunk)
+            out.float().square().mean().backward()
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -259,6 +278,8 @@ def main(argv=None) -> int:
             line += f"; at T={hi['n_tasks']}: {hi['peak_over_param_bytes']:.1f}x encoder bytes"
             if "step_over_floor" in hi:
                 line += f", {hi['step_over_floor']:.2f}x floor"
+            if "step_over_pass_floor" in hi:
+                line += f" ({hi['step_over_pass_floor']:.2f}x the same passes)"
             print(line)
     if args.out:
         with open(args.out, "w") as f:
@@ -270,7 +291,9 @@ def _fmt(r):
     if "error" in r:
         return f"{r['model']:<9} T={r['n_tasks']:<2} {r['method']:<22} ERROR {r['error']}"
     step = f"{r['seconds_per_step']:.3f} s/step" if "seconds_per_step" in r else "      -     "
-    ratio = f" ({r['step_over_floor']:.2f}× floor)" if "step_over_floor" in r else ""
+    ratio = f" ({r['step_over_floor']:.2f}× floor" if "step_over_floor" in r else ""
+    if ratio:
+        ratio += f", {r['step_over_pass_floor']:.2f}× same passes)" if "step_over_pass_floor" in r else ")"
     mem = (
         f"peak +{r['peak_extra_mb']:8.0f} MB = {r['peak_over_param_bytes']:.1f}× encoder bytes"
         if "peak_extra_mb" in r

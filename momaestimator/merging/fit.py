@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.func import functional_call
+from torch.optim.adam import adam as functional_adam
 
 from .functional import encode
 from .mask import GlobalMask, masked_merge, score_gradient
@@ -292,13 +293,17 @@ def train_step(ctx, batches, step):
     accumulate over the passes and become score gradients once, after the last one (or inside its
     backward, tensor by tensor, when there is a single pass). The step is the same whatever the
     grouping, up to float rounding; only the activation memory (one pass's batch) and the speed
-    differ.
+    differ. The rotations are computed once per step for all tasks (one batched map) and
+    differentiated once, after the passes.
     """
     theta = _refresh_theta(ctx)
-    if ctx.optimizer is not None:
+    q_all = q_leaf = None
+    if ctx.rotations is not None:
         ctx.optimizer.zero_grad(set_to_none=True)
+        q_all = ctx.rotations.matrices()
+        q_leaf = q_all.detach().requires_grad_()  # the passes' gradients gather here
     items = list(batches.items())
-    losses = {}
+    losses = {}  # task -> detached loss tensor: read once per step (one device sync, not one per pass)
     for group in ctx.groups:
         xs = torch.cat([ctx.x_train[items[i][0]][items[i][1]] for i in group])
         with _autocast(xs, ctx.cfg.autocast_dtype):
@@ -309,22 +314,25 @@ def train_step(ctx, batches, step):
             task, idx = items[i]
             z = z_all[offset : offset + len(idx)]
             offset += len(idx)
-            if ctx.rotations is not None:
-                z = z @ ctx.rotations.matrix(i).T
+            if q_leaf is not None:
+                z = z @ q_leaf[i].T
             t_logits, t_feats = ctx.targets_train[task]
             group_losses[task] = ctx.loss_fn(_head_logits(ctx.heads[task], z), t_logits[idx], z, t_feats[idx])
-        _check_finite(group_losses, step)
-        sum(group_losses.values()).backward()  # a single pass also steps the mask scores (see fit_moma)
-        losses.update({t: float(v.detach()) for t, v in group_losses.items()})
+        if len(ctx.groups) == 1:  # its backward steps the mask scores (see fit_moma): check first
+            _check_finite(group_losses, step)
+        sum(group_losses.values()).backward()
+        losses.update({t: v.detach() for t, v in group_losses.items()})
         del z_all, z, group_losses
+    if len(ctx.groups) > 1:
+        _check_finite(losses, step)  # before any parameter moves
     if ctx.mask is not None and len(ctx.groups) > 1:
-        for i, w in enumerate(ctx.leaves.values()):
-            if w.grad is not None:
-                _step_scores(ctx, i, w.grad)
-                w.grad.zero_()  # keep the buffer: no encoder-sized allocation per step
-    if ctx.optimizer is not None:
+        _step_all_scores(ctx)
+    if q_all is not None:
+        q_all.backward(q_leaf.grad)
         ctx.optimizer.step()
-    return sum(losses.values()), losses
+    values = torch.stack(list(losses.values())).tolist()
+    losses = dict(zip(losses, values))
+    return sum(values), losses
 
 
 @functools.cache
@@ -353,13 +361,99 @@ def release_free_memory() -> None:
         trim(0)
 
 
+class ScoreAdam:
+    """Adam over the mask scores, steppable one tensor at a time or all tensors in one fused call.
+
+    The same update as ``torch.optim.Adam(scores, lr, fused=True)`` (through
+    ``torch.optim.adam.adam``), with the state kept in plain lists so that a single tensor can
+    be stepped inside backward (as soon as its gradient exists) without per-call optimizer
+    overhead, and all tensors at once with one multi-tensor kernel.
+
+    Parameters
+    ----------
+    params : list of torch.Tensor
+        The score tensors (updated in place).
+    lr : float
+        Learning rate.
+    betas : tuple of float, default=(0.9, 0.999)
+    eps : float, default=1e-8
+
+    Examples
+    --------
+    >>> import torch
+    >>> p = torch.nn.Parameter(torch.zeros(3))
+    >>> opt = ScoreAdam([p], lr=0.1)
+    >>> opt.step([0], [torch.tensor([1.0, -1.0, 0.0])])
+    >>> p.detach()
+    tensor([-0.1000,  0.1000,  0.0000])
+    """
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
+        self.params = list(params)
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+
+    @torch.no_grad()
+    def step(self, indices, grads) -> None:
+        """One Adam step of the tensors ``indices`` with gradients ``grads`` (same order).
+
+        Parameters
+        ----------
+        indices : list of int
+            Which score tensors.
+        grads : list of torch.Tensor
+            Their gradients (float32, same shapes).
+        """
+        functional_adam(
+            [self.params[i] for i in indices],
+            list(grads),
+            [self.exp_avgs[i] for i in indices],
+            [self.exp_avg_sqs[i] for i in indices],
+            [],
+            [self.steps[i] for i in indices],
+            fused=True,
+            amsgrad=False,
+            beta1=self.betas[0],
+            beta2=self.betas[1],
+            lr=self.lr,
+            weight_decay=0.0,
+            eps=self.eps,
+            maximize=False,
+        )
+
+
 def _step_scores(ctx, i, grad_merged):
     """Turn one merged tensor's gradient into its scores' gradient and take their Adam step."""
     k = ctx.mask.names[i]
-    score = ctx.mask.scores[i]
-    score.grad = score_gradient(grad_merged, score, ctx.threshold, ctx.tau[k], ctx.cfg.scaling)
-    ctx.score_optimizers[i].step()
-    score.grad = None
+    grad = score_gradient(grad_merged, ctx.mask.scores[i], ctx.threshold, ctx.tau[k], ctx.cfg.scaling)
+    ctx.score_optimizer.step([i], [grad])
+
+
+def _step_all_scores(ctx):
+    """After several passes: score gradients from the accumulated gradients, then one fused step.
+
+    Where the merged weights are float32 (like the scores) the score gradient is written over
+    the accumulated gradient, so all tensors step in one multi-tensor call with no new memory;
+    otherwise tensor by tensor.
+    """
+    indices, grads = [], []
+    for i, w in enumerate(ctx.leaves.values()):
+        if w.grad is None:
+            continue
+        if w.grad.dtype != torch.float32:
+            _step_scores(ctx, i, w.grad)
+            continue
+        k = ctx.mask.names[i]
+        score_gradient(w.grad, ctx.mask.scores[i], ctx.threshold, ctx.tau[k], ctx.cfg.scaling, out=w.grad)
+        indices.append(i)
+        grads.append(w.grad)
+    if indices:
+        ctx.score_optimizer.step(indices, grads)
+    for w in ctx.leaves.values():
+        if w.grad is not None:
+            w.grad.zero_()  # keep the buffer: no encoder-sized allocation per step
 
 
 def _step_in_backward(ctx, i):
@@ -371,7 +465,8 @@ def _step_in_backward(ctx, i):
 
 
 def _check_finite(losses, step):
-    bad = [t for t, v in losses.items() if not torch.isfinite(v)]
+    finite = torch.stack([v.detach() for v in losses.values()]).isfinite().tolist()  # one device sync
+    bad = [t for t, ok in zip(losses, finite) if not ok]
     if bad:
         raise FloatingPointError(
             f"non-finite loss at step {step} (tasks {bad}); lower `lr`/`rotation_lr` or check the inputs"
@@ -385,9 +480,10 @@ def validation_loss(ctx) -> float:
         return math.nan
     theta = _refresh_theta(ctx)
     total = 0.0
+    q_all = ctx.rotations.matrices() if ctx.rotations is not None else None
     for i, task in enumerate(ctx.tasks):
         x = ctx.x_val[task]
-        q = ctx.rotations.matrix(i) if ctx.rotations is not None else None
+        q = q_all[i] if q_all is not None else None
         logits, z = moma_logits(ctx.skeleton, theta, ctx.heads[task], q, x, autocast_dtype=ctx.cfg.autocast_dtype)
         t_logits, t_feats = ctx.targets_val[task]
         total += float(ctx.loss_fn(logits, t_logits, z, t_feats))
@@ -486,10 +582,10 @@ def fit_moma(
     ctx.optimizer = None
     if ctx.rotations is not None:
         ctx.optimizer = torch.optim.Adam(list(ctx.rotations.parameters()), lr=cfg.rotation_lr, fused=True)
-    ctx.score_optimizers = []
+    ctx.score_optimizer = None
     hooks = []
     if ctx.mask is not None:
-        ctx.score_optimizers = [torch.optim.Adam([p], lr=cfg.lr, fused=True) for p in ctx.mask.scores]
+        ctx.score_optimizer = ScoreAdam(ctx.mask.scores, lr=cfg.lr)
         if len(ctx.groups) == 1:
             hooks = [
                 w.register_post_accumulate_grad_hook(_step_in_backward(ctx, i))
@@ -551,7 +647,8 @@ def fit_moma(
         if ctx.rotations is not None:
             for g, s in zip(ctx.rotations.parameters(), gens or ()):
                 g.copy_(s)
-            rotations = {t: ctx.rotations.matrix(i).detach().cpu() for i, t in enumerate(ctx.tasks)}
+            q_all = ctx.rotations.matrices()
+            rotations = {t: q_all[i].detach().cpu() for i, t in enumerate(ctx.tasks)}
         else:
             rotations = {t: torch.eye(dim, dtype=ctx.dtype) for t in ctx.tasks}
     return FitResult(

@@ -90,7 +90,7 @@ def clone_with_state(module: nn.Module, state: dict) -> nn.Module:
     >>> import torch
     >>> lin = torch.nn.Linear(1, 1)
     >>> new = clone_with_state(lin, {"weight": torch.ones(1, 1), "bias": torch.zeros(1)})
-    >>> float(new(torch.ones(1, 1))), new is lin
+    >>> float(new(torch.ones(1, 1)).detach()), new is lin
     (1.0, False)
     """
     return _copy_with(module, lambda name, t: state[name].detach().clone())

@@ -73,7 +73,7 @@ class _StraightThroughMerge(torch.autograd.Function):
         return score_gradient(grad_out, scores, threshold, tau, ctx.scaling), None, None, None, None
 
 
-def score_gradient(grad_merged, scores, threshold, tau, scaling) -> torch.Tensor:
+def score_gradient(grad_merged, scores, threshold, tau, scaling, *, out=None) -> torch.Tensor:
     """Straight-through gradient of the scores from the gradient of the merged weights.
 
     ``∂L/∂s = ∂L/∂θ · λ τ · σ'(s - t)``: the hard mask's derivative is replaced by that of a
@@ -91,6 +91,9 @@ def score_gradient(grad_merged, scores, threshold, tau, scaling) -> torch.Tensor
         That entry of ``τ_MT``.
     scaling : float
         λ.
+    out : torch.Tensor, optional
+        Where to write the result (may be ``grad_merged`` itself, if it is float32: then no new
+        full-size tensor is made).
 
     Returns
     -------
@@ -103,8 +106,13 @@ def score_gradient(grad_merged, scores, threshold, tau, scaling) -> torch.Tensor
     tensor([ 0.2500, -0.5000])
     """
     sig = torch.sub(scores.detach(), threshold).sigmoid_()
-    grad = torch.mul(grad_merged, tau).mul_(scaling).to(sig.dtype)
-    return torch.ops.aten.sigmoid_backward(grad, sig)  # grad · σ(1 - σ) in one pass
+    if out is not None and out is grad_merged:
+        grad = grad_merged.mul_(tau).mul_(scaling)
+    else:
+        grad = torch.mul(grad_merged, tau).mul_(scaling).to(sig.dtype)
+    if out is None:
+        return torch.ops.aten.sigmoid_backward(grad, sig)  # grad · σ(1 - σ) in one pass
+    return torch.ops.aten.sigmoid_backward.grad_input(grad, sig, grad_input=out)
 
 
 class GlobalMask(nn.Module):
