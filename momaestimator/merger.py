@@ -248,7 +248,9 @@ class MOMAMerger(BaseEstimator):
     def _check_fit_data(self, X, tasks, device, dtype):
         sources, _ = split_inputs_and_labels(X, None)
         V.check_same_tasks(finetuned_encoders=dict.fromkeys(tasks), X=sources)
-        x = {t: materialize_inputs(sources[t], task=t, dtype=dtype, device=device) for t in tasks}
+        # inputs stay where they are (loaders and arrays: host memory); fitting moves one batch at a
+        # time to the fit device, so the device holds no copy of every task's data
+        x = {t: materialize_inputs(sources[t], task=t, dtype=dtype) for t in tasks}
         ref = tasks[0]
         for t in tasks[1:]:
             if x[t].shape[1:] != x[ref].shape[1:]:
@@ -358,7 +360,7 @@ class MOMAMerger(BaseEstimator):
     def _feature_dim(skeleton, theta0, x):
         try:
             with torch.no_grad():
-                z = encode(skeleton, theta0, x[:1])
+                z = encode(skeleton, theta0, x[:1].to(next(iter(theta0.values())).device))
         except RuntimeError as exc:
             shape = tuple(x.shape[1:])
             raise ValueError(f"the encoder cannot take inputs of shape {shape} per sample ({exc})") from exc

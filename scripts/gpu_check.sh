@@ -4,8 +4,11 @@
 #      device, task batchings, mixed precision),
 #   2. the scale benchmark on CUDA: ViT-B/32 T=2/4/8 (MOMA sequential and joint, AdaMerging),
 #      ViT-L/14 T=2, and ViT-B/32 T=8 with bf16 autocast.
+#   3. optionally (BASELINE=dir holding another checkout's momaestimator/ package): the ViT-B/32 T=8
+#      MOMA rows of that code on the same GPU, for a before/after comparison.
 # Extra wheels (open_clip_torch, ftfy, wcwidth) may be put in .whl/ when the machine has no index.
-# Results go to ${OUT:-gpu-out}/. Each part has its own time limit (seconds): TESTS_S, B32_S, L14_S, BF16_S.
+# Results go to ${OUT:-gpu-out}/. Each part has its own time limit (seconds): TESTS_S, B32_S, BASE_S, L14_S,
+# BF16_S.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -21,6 +24,10 @@ timeout "${TESTS_S:-60}" $PY -m pytest -q -ra -p no:cacheprovider -o addopts="" 
 SCALE="$PY -m momaestimator.bench.scale --device cuda --batch-size ${BATCH:-16} --n-steps ${STEPS:-5}"
 timeout "${B32_S:-150}" $SCALE --tasks 2 4 8 --methods moma adamerging_layerwise --task-batching sequential joint \
   --out "$OUT/scale_cuda_b32.json" 2>&1 | tee "$OUT/scale_cuda_b32.txt"
+if [ -n "${BASELINE:-}" ]; then
+  PYTHONPATH=$BASELINE:$PYTHONPATH timeout "${BASE_S:-60}" $SCALE --tasks 8 --methods moma \
+    --task-batching sequential joint --out "$OUT/scale_cuda_b32_baseline.json" 2>&1 | tee "$OUT/scale_cuda_b32_baseline.txt"
+fi
 timeout "${L14_S:-80}" $SCALE --model ViT-L-14 --tasks 2 --methods moma --task-batching sequential joint \
   --out "$OUT/scale_cuda_l14.json" 2>&1 | tee "$OUT/scale_cuda_l14.txt"
 timeout "${BF16_S:-40}" $SCALE --tasks 8 --methods moma --task-batching sequential --precision bf16 \

@@ -85,3 +85,18 @@ def test_task_batchings_agree_on_cuda(problem, unlabeled, batching):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
     agree = sum(int((ref.mask_[k] == other.mask_[k]).sum()) for k in ref.mask_)
     assert agree / sum(m.numel() for m in ref.mask_.values()) > 0.99
+
+
+def test_host_inputs_reach_the_gpu_one_batch_at_a_time(problem):
+    pre, experts, heads, data = problem
+    # many samples per task, in host memory: the device must never hold them all
+    big = {t: x.repeat(400, *([1] * (x.ndim - 1))) for t, (x, _) in data.items()}
+    x_bytes = sum(x.numel() * x.element_size() for x in big.values())
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    m = MOMAMerger(pre, experts, heads, n_steps=2, validation_fraction=0.1, device="cuda", random_state=0).fit(big)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert all(x.device.type == "cpu" for x in big.values())
+    assert peak < 0.25 * x_bytes, (peak, x_bytes)
+    assert m.n_iter_ == 2 and set(m.rotations_) == set(big)

@@ -174,13 +174,46 @@ def teacher_targets(skeleton, state, head: HeadSpec, x, *, batch_size=256, autoc
     (torch.Size([24, 3]), torch.Size([24, 8]))
     """
     logits, feats = [], []
+    device = next(iter(state.values())).device
     for i in range(0, len(x), batch_size):
-        with _autocast(x, autocast_dtype):
-            z = encode(skeleton, state, x[i : i + batch_size])
+        xb = to_device(x[i : i + batch_size], device)
+        with _autocast(xb, autocast_dtype):
+            z = encode(skeleton, state, xb)
         z = z.to(work_dtype(z))
         feats.append(z)
         logits.append(_head_logits(head, z).to(z.dtype))
     return torch.cat(logits), torch.cat(feats)
+
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A batch of inputs on the fit device; from host memory through pinned memory, asynchronously.
+
+    Fit inputs stay in host memory (the device holds one batch at a time, not every task's data);
+    the copy does not make the host wait for the device's queued work.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        A batch, anywhere.
+    device : torch.device
+        The fit device.
+
+    Returns
+    -------
+    torch.Tensor
+
+    Examples
+    --------
+    >>> import torch
+    >>> to_device(torch.ones(2), torch.device("cpu")).device
+    device(type='cpu')
+    """
+    device = torch.device(device)
+    if x.device == device:
+        return x
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def work_dtype(tensor) -> torch.dtype:
@@ -305,7 +338,8 @@ def train_step(ctx, batches, step):
     items = list(batches.items())
     losses = {}  # task -> detached loss tensor: read once per step (one device sync, not one per pass)
     for group in ctx.groups:
-        xs = torch.cat([ctx.x_train[items[i][0]][items[i][1]] for i in group])
+        xs = [ctx.x_train[items[i][0]] for i in group]
+        xs = to_device(torch.cat([x[items[i][1].to(x.device)] for i, x in zip(group, xs)]), ctx.device)
         with _autocast(xs, ctx.cfg.autocast_dtype):
             z_all = encode(ctx.skeleton, theta, xs)
         z_all = z_all.to(ctx.dtype)
@@ -314,6 +348,7 @@ def train_step(ctx, batches, step):
             task, idx = items[i]
             z = z_all[offset : offset + len(idx)]
             offset += len(idx)
+            idx = idx.to(ctx.device)
             if q_leaf is not None:
                 z = z @ q_leaf[i].T
             t_logits, t_feats = ctx.targets_train[task]
@@ -482,11 +517,15 @@ def validation_loss(ctx) -> float:
     total = 0.0
     q_all = ctx.rotations.matrices() if ctx.rotations is not None else None
     for i, task in enumerate(ctx.tasks):
-        x = ctx.x_val[task]
         q = q_all[i] if q_all is not None else None
-        logits, z = moma_logits(ctx.skeleton, theta, ctx.heads[task], q, x, autocast_dtype=ctx.cfg.autocast_dtype)
+        logits, feats = [], []
+        for start in range(0, len(ctx.x_val[task]), 256):  # batches: no activation spike on large sets
+            x = to_device(ctx.x_val[task][start : start + 256], ctx.device)
+            out = moma_logits(ctx.skeleton, theta, ctx.heads[task], q, x, autocast_dtype=ctx.cfg.autocast_dtype)
+            logits.append(out[0])
+            feats.append(out[1])
         t_logits, t_feats = ctx.targets_val[task]
-        total += float(ctx.loss_fn(logits, t_logits, z, t_feats))
+        total += float(ctx.loss_fn(torch.cat(logits), t_logits, torch.cat(feats), t_feats))
     return total
 
 
@@ -519,7 +558,8 @@ def fit_moma(
     heads : dict of str to HeadSpec
         Frozen heads, in task order.
     x_train, x_val : dict of str to torch.Tensor
-        Unlabeled fit inputs per task; ``x_val`` (may be empty) is used only for early stopping.
+        Unlabeled fit inputs per task, on any device (host memory is fine: one batch at a time
+        moves to the fit device); ``x_val`` (may be empty) is used only for early stopping.
     targets_train, targets_val : dict of str to (logits, features)
         The experts' outputs on those inputs (:func:`teacher_targets`).
     cfg : FitConfig
@@ -556,7 +596,7 @@ def fit_moma(
     ctx.tasks = list(heads)
     ctx.x_train, ctx.targets_train, ctx.x_val, ctx.targets_val = x_train, targets_train, x_val, targets_val
     ctx.loss_fn = OBJECTIVES[cfg.objective][0]
-    device = next(iter(theta0.values())).device
+    device = ctx.device = next(iter(theta0.values())).device
     _, feats = next(iter(targets_train.values()))
     dim, ctx.dtype = feats.shape[1], feats.dtype
 
@@ -616,7 +656,6 @@ def fit_moma(
                 t: torch.randint(len(x_train[t]), (min(cfg.batch_size, len(x_train[t])),), generator=generator)
                 for t in ctx.tasks
             }
-            batches = {t: idx.to(device) for t, idx in batches.items()}
             loss, per_task = train_step(ctx, batches, step)
             if ctx.trim_heap:
                 release_free_memory()
