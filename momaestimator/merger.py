@@ -6,6 +6,7 @@ user's inputs, and calls :mod:`momaestimator.merging` for every piece of tensor 
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from ._io import atomic_write
 from .data import materialize_inputs, split_inputs_and_labels
 from .merging.fit import FitConfig, HeadSpec, fit_moma, merged_state, teacher_targets
 from .merging.functional import absorb_heads, clone_with_state, encode, structure_copy
-from .merging.task_arithmetic import multitask_vector
+from .merging.task_arithmetic import _ties_vector, multitask_vector
 from .merging.task_vectors import as_state_dict
 from .metrics import accuracy_per_task
 from .models import MergedModel
@@ -396,7 +397,10 @@ class MOMAMerger(BaseEstimator):
                 for k in tau:
                     tau[k] += state[k].to(pre_state[k].device) - pre_state[k]
                 del state
-        else:  # modules (no copies), or TIES, whose passes need every expert
+        elif lazy:  # TIES reads each checkpoint twice, one expert in memory at a time
+            loaders = {t: functools.partial(_load_state, s, t) for t, s in fts.items()}
+            tau = _ties_vector(pre_state, loaders, top_k=self.top_k, merge="sum")
+        else:  # modules: their state dicts, no copies
             states = {t: _load_state(s, t) for t, s in fts.items()}
             tau = multitask_vector(pre_state, states, base=self.base, top_k=self.top_k)
         return {k: v.to(device) for k, v in tau.items()}

@@ -311,3 +311,37 @@ def test_task_groups_cover_every_task_once():
         groups = task_groups(tasks, batching)
         assert len(groups) == expected
         assert [i for g in groups for i in g] == list(range(7))
+
+
+def test_ties_base_from_checkpoint_paths_holds_one_expert_at_a_time(problem, unlabeled, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    import momaestimator.merger as merger_module
+
+    pre, experts, heads, _ = problem
+    paths = {}
+    for t, m in experts.items():
+        paths[t] = tmp_path / f"{t}.safetensors"
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(paths[t]))
+    live, peak, loads = [0], [0], []
+    real = merger_module._load_state
+
+    class Tracked(dict):
+        def __del__(self):
+            live[0] -= 1
+
+    def tracking_load(source, task):
+        state = Tracked(real(source, task))
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        loads.append(task)
+        return state
+
+    merger = MOMAMerger(pre, paths, heads, base="ties", n_steps=2, random_state=0)
+    tasks, pre_state, fts, _ = merger._check_models(values=False)
+    monkeypatch.setattr(merger_module, "_load_state", tracking_load)
+    tau = merger._multitask_vector(pre_state, fts, "cpu")
+    assert peak[0] == 1 and live[0] == 0
+    assert loads == tasks + tasks  # two passes over the checkpoints
+    expected = multitask_vector(pre, experts, base="ties", top_k=merger.top_k)
+    assert set(tau) == set(expected) and all(torch.equal(tau[k], expected[k]) for k in expected)

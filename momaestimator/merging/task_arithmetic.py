@@ -2,8 +2,9 @@
 
 Each function returns a new state dict and never modifies its inputs. Task vectors are
 formed one tensor at a time, so memory is a few copies of one model whatever the number
-of tasks (the one exception: TIES needs one task's flattened vector at a time to find its
-global top-k threshold).
+of tasks (TIES also needs one task's flattened vector at a time to find its global top-k
+threshold). TIES reads the experts task by task, so experts given as loaders (checkpoints read on
+demand) are in memory one at a time.
 """
 
 from __future__ import annotations
@@ -182,57 +183,104 @@ def ties_merging(pretrained, finetuned, scaling=0.3, top_k=0.2, merge="sum"):
 
 
 def ties_thresholds(pre: dict, fts: dict, top_k: float) -> dict[str, torch.Tensor]:
-    """Per task, the magnitude threshold of TIES' global top-k trimming (one flattened task at a time)."""
+    """Per task, the magnitude threshold of TIES' global top-k trimming (one flattened task at a time).
+
+    Parameters
+    ----------
+    pre : dict of str to torch.Tensor
+        Pretrained state dict.
+    fts : dict of str to (dict or callable)
+        Fine-tuned state dicts, or zero-argument callables that load one.
+    top_k : float
+        Fraction of each task vector kept, in (0, 1].
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        The threshold per task.
+
+    Examples
+    --------
+    >>> import torch
+    >>> ties_thresholds({"w": torch.zeros(4)}, {"a": {"w": torch.tensor([1.0, -4.0, 2.0, 3.0])}}, 0.5)
+    {'a': tensor(2.)}
+    """
+    _check_top_k(top_k)
+    keys = [k for k, v in pre.items() if is_mergeable(v)]
+    return {task: _threshold(pre, _load(src), keys, top_k) for task, src in fts.items()}
+
+
+def _check_top_k(top_k):
     if not 0.0 < top_k <= 1.0:
         raise ValueError(f"top_k must be in (0, 1], got {top_k!r}")
-    keys = [k for k, v in pre.items() if is_mergeable(v)]
-    out = {}
-    for task, ft in fts.items():
-        flat = torch.cat([(ft[k].to(pre[k].device) - pre[k]).abs().flatten() for k in keys])
-        n = flat.numel()
-        kth = n - int(n * top_k)
-        out[task] = flat.kthvalue(max(kth, 1)).values
-        del flat
-    return out
+
+
+def _load(source) -> dict:
+    """A state dict, or what a zero-argument loader returns (a checkpoint read on demand)."""
+    return source() if callable(source) else source
+
+
+def _threshold(pre, ft, keys, top_k):
+    flat = torch.cat([(ft[k].to(pre[k].device) - pre[k]).abs().flatten() for k in keys])
+    n = flat.numel()
+    kth = n - int(n * top_k)
+    return flat.kthvalue(max(kth, 1)).values
+
+
+def _trimmed(pre, ft, k, threshold):
+    tv = ft[k].to(pre[k].device) - pre[k]
+    return tv * (tv.abs() >= threshold)
 
 
 def _ties_vector(pre: dict, fts: dict, *, top_k: float, merge: str) -> dict[str, torch.Tensor]:
+    """TIES' merged vector, reading the experts task by task (each one twice, one at a time).
+
+    ``fts`` maps tasks to state dicts or to zero-argument loaders: with loaders, at most one
+    expert is in memory at any time (the rest is a few model-sized accumulators), whatever the
+    number of tasks. The sums run over tasks in the same order either way, so the result does not
+    depend on how the experts are given.
+    """
     if merge not in ("sum", "mean", "max"):
         raise ValueError(f"unknown merge {merge!r}; expected 'sum', 'mean' or 'max'")
-    thresholds = ties_thresholds(pre, fts, top_k)
+    _check_top_k(top_k)
     keys = [k for k, v in pre.items() if is_mergeable(v)]
 
-    def trimmed(task, k):
-        tv = fts[task][k].to(pre[k].device) - pre[k]
-        return tv * (tv.abs() >= thresholds[task])
-
+    # Pass 1, per task: its trimming threshold, then its trimmed mass summed into the election.
+    thresholds = {}
+    signs = {k: torch.zeros_like(pre[k]) for k in keys}
+    for task, src in fts.items():
+        ft = _load(src)
+        thresholds[task] = _threshold(pre, ft, keys, top_k)
+        for k in keys:
+            signs[k] += _trimmed(pre, ft, k, thresholds[task])
+        del ft
     # Elect signs from the summed trimmed mass; zeros take the sign of the grand total.
-    signs, total = {}, 0.0
+    total = 0.0
     for k in keys:
-        mass = torch.zeros_like(pre[k])
-        for task in fts:
-            mass += trimmed(task, k)
-        signs[k] = torch.sign(mass)
+        signs[k] = torch.sign(signs[k])
         total += float(signs[k].sum())
     majority = float((total > 0) - (total < 0))  # torch.sign of the total, as the reference code
-    out = {}
     for k in keys:
-        sign = signs[k]
-        sign[sign == 0] = majority
-        acc = torch.zeros_like(pre[k])
-        count = torch.zeros_like(pre[k])
-        for task in fts:
-            tv = trimmed(task, k)
-            agree = torch.where(sign > 0, tv > 0, tv < 0)
-            sel = tv * agree
+        signs[k][signs[k] == 0] = majority
+
+    # Pass 2, per task: the entries that agree with the elected sign, combined by `merge`.
+    acc = {k: torch.zeros_like(pre[k]) for k in keys}
+    count = {k: torch.zeros_like(pre[k]) for k in keys} if merge == "mean" else None
+    for task, src in fts.items():
+        ft = _load(src)
+        for k in keys:
+            tv = _trimmed(pre, ft, k, thresholds[task])
+            sel = tv * torch.where(signs[k] > 0, tv > 0, tv < 0)
             if merge == "max":
-                acc = torch.maximum(acc, sel.abs())
+                torch.maximum(acc[k], sel.abs(), out=acc[k])
             else:
-                acc += sel
-                count += (sel != 0).to(acc.dtype)
+                acc[k] += sel
+                if count is not None:
+                    count[k] += (sel != 0).to(acc[k].dtype)
+        del ft
+    for k in keys:
         if merge == "mean":
-            acc = acc / count.clamp(min=1)
+            acc[k] = acc[k] / count[k].clamp(min=1)
         elif merge == "max":
-            acc = acc * sign
-        out[k] = acc
-    return out
+            acc[k] = acc[k] * signs[k]
+    return acc
