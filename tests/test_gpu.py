@@ -100,3 +100,28 @@ def test_host_inputs_reach_the_gpu_one_batch_at_a_time(problem):
     assert all(x.device.type == "cpu" for x in big.values())
     assert peak < 0.25 * x_bytes, (peak, x_bytes)
     assert m.n_iter_ == 2 and set(m.rotations_) == set(big)
+
+
+def test_mask_threshold_and_merge_on_cuda_equal_cpu():
+    from momaestimator.merging import GlobalMask, masked_merge
+
+    gen = torch.Generator().manual_seed(0)
+    tau = {"a": torch.randn(3_000_000, generator=gen), "b": torch.randn(1500, 1000, generator=gen)}  # sampled cut
+    theta0 = {k: torch.randn(v.shape, generator=gen) for k, v in tau.items()}
+    masks = {
+        dev: GlobalMask({k: v.to(dev) for k, v in tau.items()}, 0.3, generator=torch.Generator().manual_seed(1))
+        for dev in ("cpu", "cuda")
+    }
+    with torch.no_grad():  # the same scores on both (log may round differently on the two devices)
+        for s_gpu, s_cpu in zip(masks["cuda"].scores, masks["cpu"].scores):
+            s_gpu.copy_(s_cpu)
+    assert masks["cpu"]._sample is not None
+    thr_cpu, thr_gpu = masks["cpu"].threshold(), masks["cuda"].threshold()
+    assert float(thr_cpu) == float(thr_gpu)
+    out = {k: torch.empty_like(v, device="cuda") for k, v in tau.items()}
+    masks["cuda"].merge_into(out, {k: v.cuda() for k, v in theta0.items()}, {k: v.cuda() for k, v in tau.items()}, 0.3)
+    for k in tau:
+        keep = masks["cpu"].scores[list(tau).index(k)].detach() > thr_cpu
+        assert torch.equal(out[k].cpu(), masked_merge(theta0[k], tau[k], keep, 0.3))
+    b_cpu, b_gpu = masks["cpu"].binary(), masks["cuda"].binary()
+    assert all(torch.equal(b_cpu[k], b_gpu[k].cpu()) for k in tau)

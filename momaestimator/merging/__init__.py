@@ -5,11 +5,11 @@ Base merges on state dicts (:func:`task_arithmetic`, :func:`ties_merging`,
 (:class:`GlobalMask`, :class:`Rotations`, objectives) and the fitting loop (:func:`fit_moma`).
 """
 
-from .fit import FitConfig, FitResult, fit_moma, moma_logits, task_groups, teacher_targets
+from .fit import FitConfig, FitResult, ScoreAdam, fit_moma, moma_logits, task_groups, teacher_targets
 from .functional import absorb_heads, clone_with_state, first_linear_weight, structure_copy
 from .mask import GlobalMask, masked_merge, score_gradient
 from .objectives import entropy, feature_alignment, kl_to_teacher
-from .rotation import Rotations, rotation_angles
+from .rotation import Rotations, expm, rotation_angles
 from .task_arithmetic import multitask_vector, task_arithmetic, ties_merging, weight_averaging
 from .task_vectors import task_vector
 
@@ -18,9 +18,11 @@ __all__ = [
     "FitResult",
     "GlobalMask",
     "Rotations",
+    "ScoreAdam",
     "absorb_heads",
     "clone_with_state",
     "entropy",
+    "expm",
     "feature_alignment",
     "first_linear_weight",
     "fit_moma",

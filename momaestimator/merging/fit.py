@@ -24,7 +24,16 @@ from .mask import GlobalMask, masked_merge, score_gradient
 from .objectives import OBJECTIVES
 from .rotation import Rotations
 
-__all__ = ["FitConfig", "FitResult", "fit_moma", "moma_logits", "task_groups", "teacher_targets"]
+__all__ = [
+    "FitConfig",
+    "FitResult",
+    "ScoreAdam",
+    "fit_moma",
+    "moma_logits",
+    "task_groups",
+    "teacher_targets",
+    "to_device",
+]
 
 
 @dataclass
