@@ -117,7 +117,8 @@ def score_gradient(grad_merged, scores, threshold, tau, scaling, *, out=None) ->
 
 def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k``-th smallest entry (1-based): selection on the CPU, a radix sort on a GPU (far faster
-    there than ``kthvalue`` for a million entries); the same value either way."""
+    there than ``kthvalue`` for a million entries); the same value either way.
+    """
     if values.device.type == "cpu":
         return values.kthvalue(k).values
     return values.sort().values[k - 1]
@@ -225,12 +226,17 @@ class GlobalMask(nn.Module):
             The cut (default: :meth:`threshold`).
         """
         thr = self.threshold() if threshold is None else threshold
-        # multi-tensor ops (a few kernel launches for all tensors on a GPU), same order as masked_merge
         leaves = [out[k] for k in self.names]
-        torch._foreach_copy_(leaves, [tau[k] for k in self.names])
-        torch._foreach_mul_(leaves, [s.detach() > thr for s in self.scores])
-        torch._foreach_mul_(leaves, scaling)
-        torch._foreach_add_(leaves, [theta0[k] for k in self.names])
+        if leaves and leaves[0].device.type != "cpu":
+            # multi-tensor ops: a few kernel launches for all tensors, same arithmetic as masked_merge
+            torch._foreach_copy_(leaves, [tau[k] for k in self.names])
+            torch._foreach_mul_(leaves, [s.detach() > thr for s in self.scores])
+            torch._foreach_mul_(leaves, scaling)
+            torch._foreach_add_(leaves, [theta0[k] for k in self.names])
+            return
+        for k, s, w in zip(self.names, self.scores, leaves):  # CPU: tensor by tensor, while it is in cache
+            torch.mul(tau[k], s.detach() > thr, out=w)
+            w.mul_(scaling).add_(theta0[k])
 
     @torch.no_grad()
     def state(self) -> list[torch.Tensor]:
