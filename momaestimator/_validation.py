@@ -81,6 +81,11 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
+def is_loader(value) -> bool:
+    """A zero-argument callable that is not a module (modules are callable too)."""
+    return callable(value) and not isinstance(value, (nn.Module, type))
+
+
 def check_task_dict(value, name, *, allow_lazy=False) -> dict:
     """``{task: module}`` from a dict or list, rejecting strings and single modules."""
     if isinstance(value, nn.Module):
@@ -106,7 +111,13 @@ def check_task_dict(value, name, *, allow_lazy=False) -> dict:
             if not os.path.isfile(m):
                 raise ValueError(f"{name}[{task!r}] is the path {str(m)!r}, which is not an existing file")
             continue
-        what = "a torch.nn.Module, a state dict or a checkpoint path" if allow_lazy else "a torch.nn.Module"
+        if allow_lazy and is_loader(m):
+            continue
+        what = (
+            "a torch.nn.Module, a state dict, a checkpoint path or a loader (zero-argument callable)"
+            if allow_lazy
+            else "a torch.nn.Module"
+        )
         raise TypeError(f"{name}[{task!r}] must be {what}, got {type(m).__name__}")
     return out
 

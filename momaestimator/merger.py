@@ -33,13 +33,27 @@ _MODULE_PARAMS = ("pretrained_encoder", "finetuned_encoders", "heads")
 _FITTED = ("tasks_", "mask_", "rotations_", "history_", "n_iter_", "best_step_", "feature_dim_", "interrupted_")
 
 
+def _is_lazy(source) -> bool:
+    """A checkpoint path or a loader: read each time it is needed, never kept."""
+    return isinstance(source, (str, os.PathLike)) or V.is_loader(source)
+
+
 def _load_state(source, task):
-    """A fine-tuned encoder's state dict from a module, a state dict or a checkpoint path."""
+    """A fine-tuned encoder's state dict from a module, a state dict, a checkpoint path or a loader."""
+    name = f"finetuned_encoders[{task!r}]"
+    if V.is_loader(source):
+        loaded = source()
+        if not isinstance(loaded, (torch.nn.Module, Mapping, str, os.PathLike)):
+            raise TypeError(
+                f"{name} is a loader that returned a {type(loaded).__name__}; it must return a "
+                "torch.nn.Module, a state dict or a checkpoint path"
+            )
+        source = loaded
     if isinstance(source, (str, os.PathLike)):
         from .checkpoints import load_state_dict_file
 
-        return as_state_dict(load_state_dict_file(source), name=f"finetuned_encoders[{task!r}]")
-    return as_state_dict(source, name=f"finetuned_encoders[{task!r}]")
+        return as_state_dict(load_state_dict_file(source), name=name)
+    return as_state_dict(source, name=name)
 
 
 class MOMAMerger(BaseEstimator):
@@ -58,8 +72,10 @@ class MOMAMerger(BaseEstimator):
     pretrained_encoder : torch.nn.Module
         The pretrained encoder ``θ_0`` (e.g. an open_clip image tower). Never modified.
     finetuned_encoders : dict of str to torch.nn.Module, or list
-        One fine-tuned encoder per task, same architecture. Modules, state dicts, or checkpoint
-        paths (loaded one at a time). A list names tasks ``"0"``, ``"1"``, ...
+        One fine-tuned encoder per task, same architecture. Modules, state dicts, checkpoint
+        paths, or loaders (zero-argument callables returning a module, a state dict or a path);
+        paths and loaders are read one at a time, each time they are needed, and not kept, so no
+        expert stays in memory. A list names tasks ``"0"``, ``"1"``, ...
     heads : dict of str to torch.nn.Module, or list
         One frozen classification head per task, same keys: ``nn.Linear``, :class:`LinearHead`
         (normalising), any module with a 2-D ``weight``, or an ``nn.Sequential`` starting with one.
@@ -237,13 +253,14 @@ class MOMAMerger(BaseEstimator):
         if values:  # a full pass over every weight: once per fit, not again in transform/score
             V.check_state(pre_state, "pretrained_encoder")
         for task, src in fts.items():
-            if not isinstance(src, (str, os.PathLike)):
-                if isinstance(src, torch.nn.Module) and type(src) is not type(self.pretrained_encoder):
-                    raise ValueError(
-                        f"finetuned_encoders[{task!r}] is a {type(src).__name__}, the pretrained encoder a "
-                        f"{type(self.pretrained_encoder).__name__}: encoders must share one architecture"
-                    )
-                V.check_encoder_states(pre_state, _load_state(src, task), task, values=values)
+            if isinstance(src, torch.nn.Module) and type(src) is not type(self.pretrained_encoder):
+                raise ValueError(
+                    f"finetuned_encoders[{task!r}] is a {type(src).__name__}, the pretrained encoder a "
+                    f"{type(self.pretrained_encoder).__name__}: encoders must share one architecture"
+                )
+            if _is_lazy(src) and not values:
+                continue  # checkpoints and loaders are read (and checked) by fit, not re-read here
+            V.check_encoder_states(pre_state, _load_state(src, task), task, values=values)
         return tasks, pre_state, fts, heads
 
     def _check_fit_data(self, X, tasks, device, dtype):
@@ -389,7 +406,7 @@ class MOMAMerger(BaseEstimator):
         return x_train, x_val
 
     def _multitask_vector(self, pre_state, fts, device):
-        lazy = any(isinstance(s, (str, os.PathLike)) for s in fts.values())
+        lazy = any(_is_lazy(s) for s in fts.values())
         if lazy and self.base == "task_arithmetic":  # stream checkpoints: one expert in memory at a time
             tau = {k: torch.zeros_like(v) for k, v in pre_state.items() if v.is_floating_point()}
             for t, s in fts.items():

@@ -345,3 +345,49 @@ def test_ties_base_from_checkpoint_paths_holds_one_expert_at_a_time(problem, unl
     assert loads == tasks + tasks  # two passes over the checkpoints
     expected = multitask_vector(pre, experts, base="ties", top_k=merger.top_k)
     assert set(tau) == set(expected) and all(torch.equal(tau[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("base", ["task_arithmetic", "ties"])
+def test_finetuned_encoders_as_loaders_give_the_same_fit_one_expert_at_a_time(problem, unlabeled, base):
+    pre, experts, heads, _ = problem
+    live, peak, calls = [0], [0], []
+
+    class Tracked(dict):
+        def __del__(self):
+            live[0] -= 1
+
+    def loader(task):
+        def load():
+            calls.append(task)
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            return Tracked({k: v.clone() for k, v in experts[task].state_dict().items()})
+
+        return load
+
+    kw = dict(n_steps=4, sparsity=0.2, base=base, random_state=0)
+    lazy = MOMAMerger(pre, {t: loader(t) for t in experts}, heads, **kw).fit(unlabeled)
+    assert peak[0] == 1 and live[0] == 0  # never two experts at once, none kept
+    reads = 1 + 1 + (2 if base == "ties" else 1)  # validation, teacher logits, tau_MT
+    assert sorted(calls) == sorted(list(experts) * reads)
+    eager = MOMAMerger(pre, experts, heads, **kw).fit(unlabeled)
+    assert all(torch.equal(lazy.mask_[k], eager.mask_[k]) for k in eager.mask_)
+    assert all(torch.equal(lazy.rotations_[t], eager.rotations_[t]) for t in eager.rotations_)
+    a, b = lazy.transform().state_dict(), eager.transform().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_bad_lazy_experts_are_named_before_any_work(problem, unlabeled, tmp_path):
+    from safetensors.torch import save_file
+
+    pre, experts, heads, _ = problem
+    bad = {k: v.contiguous() for k, v in experts["task0"].state_dict().items()}
+    bad["proj"] = torch.zeros(3, 3)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    paths = {**experts, "task0": tmp_path / "bad.safetensors"}
+    with pytest.raises(ValueError, match=r"finetuned_encoders\['task0'\] differs in architecture"):
+        MOMAMerger(pre, paths, heads, n_steps=1).fit(unlabeled)
+    with pytest.raises(TypeError, match=r"finetuned_encoders\['task1'\] is a loader that returned a int"):
+        MOMAMerger(pre, {**experts, "task1": lambda: 3}, heads, n_steps=1).fit(unlabeled)
+    with pytest.raises(TypeError, match=r"finetuned_encoders\['task2'\] must be .*loader"):
+        MOMAMerger(pre, {**experts, "task2": 3.5}, heads, n_steps=1).fit(unlabeled)
