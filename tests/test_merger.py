@@ -391,3 +391,30 @@ def test_bad_lazy_experts_are_named_before_any_work(problem, unlabeled, tmp_path
         MOMAMerger(pre, {**experts, "task1": lambda: 3}, heads, n_steps=1).fit(unlabeled)
     with pytest.raises(TypeError, match=r"finetuned_encoders\['task2'\] must be .*loader"):
         MOMAMerger(pre, {**experts, "task2": 3.5}, heads, n_steps=1).fit(unlabeled)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_non_float32_encoders_fit_the_same_way_in_one_or_several_passes(problem, unlabeled, dtype):
+    import copy
+
+    pre, experts, heads, _ = problem
+    pre_d = copy.deepcopy(pre).to(dtype)  # the whole model in one dtype, as a half-precision user has it
+    experts_d = {t: copy.deepcopy(m).to(dtype) for t, m in experts.items()}
+    heads_d = {t: copy.deepcopy(h).to(dtype) for t, h in heads.items()}
+    x = {t: v.to(dtype) for t, v in unlabeled.items()}
+    kw = dict(n_steps=6, sparsity=0.2, rotation_lr=0.01, validation_fraction=0.0, random_state=0)
+    joint = MOMAMerger(pre_d, experts_d, heads_d, task_batching="joint", **kw).fit(x)
+    seq = MOMAMerger(pre_d, experts_d, heads_d, task_batching="sequential", **kw).fit(x)
+    n_total = sum(v.numel() for v in seq.mask_.values())
+    labelled = {t: (v.to(dtype), y) for t, (v, y) in problem[3].items()}
+    for m in (joint, seq):
+        assert sum(int((~v).sum()) for v in m.mask_.values()) == round(0.2 * n_total)
+        model = m.transform()
+        assert model.encoder.proj.dtype == dtype
+        assert all(p.dtype == dtype for p in model.heads.parameters())
+        assert m.score(labelled) > 0.9  # the float32 model scores 1.0 on this toy; chance is 1/3
+    rel = 2e-2 if dtype == torch.bfloat16 else 1e-9
+    for a, b in zip(joint.history_, seq.history_):
+        assert a["loss"] == pytest.approx(b["loss"], rel=rel)
+    agree = sum(int((joint.mask_[k] == seq.mask_[k]).sum()) for k in joint.mask_)
+    assert agree / n_total > 0.99

@@ -134,9 +134,20 @@ class HeadSpec:
     skeleton: torch.nn.Module
     state: dict
 
+    @property
+    def dtype(self):
+        """The head's floating dtype (``None`` for a head without float tensors)."""
+        return next((v.dtype for v in self.state.values() if v.is_floating_point()), None)
+
 
 def _head_logits(head: HeadSpec, features: torch.Tensor) -> torch.Tensor:
-    return functional_call(head.skeleton, head.state, (features,), strict=False, tie_weights=False)
+    """The head on (rotated) features; a half-precision head gets its own dtype, the logits come
+    back in the features' (working) dtype.
+    """
+    dtype = head.dtype
+    inputs = features if dtype is None or dtype == features.dtype else features.to(dtype)
+    logits = functional_call(head.skeleton, head.state, (inputs,), strict=False, tie_weights=False)
+    return logits.to(features.dtype)
 
 
 @torch.no_grad()
