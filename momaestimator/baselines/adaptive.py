@@ -179,7 +179,7 @@ class AdaMerging(_DataMerger):
         out = dict(theta0)
         for j, k in enumerate(keys):
             col = 0 if coef.shape[1] == 1 else j
-            out[k] = theta0[k] + torch.tensordot(coef[:, col], taus[k], dims=1)
+            out[k] = theta0[k] + torch.tensordot(coef[:, col].to(taus[k].dtype), taus[k], dims=1)
         return out
 
     def transform(self, X=None):
@@ -255,7 +255,10 @@ class SurgeryModel(nn.Module):
         torch.Tensor
         """
         z = self.encoder(x)
-        return self.heads[task](z - self.adapters[task](z))
+        adapter = self.adapters[task]
+        dtype = next(adapter.parameters()).dtype  # adapters train in float32 (float64 models: float64)
+        zc = z.to(dtype)
+        return self.heads[task]((zc - adapter(zc)).to(z.dtype))
 
 
 def _adapter(dim, rank):
@@ -335,14 +338,16 @@ class RepresentationSurgery(_DataMerger):
         V.check_number(self.rank, "rank", low=1, integer=True)
         device, tasks, fts, heads, x, skeleton, theta0 = self._setup(X)
         theta = self._base_state(theta0, device)
-        with torch.no_grad():
+        with torch.no_grad():  # features in the working dtype (half-precision models: float32)
             feats = {t: encode(skeleton, theta, x[t]) for t in tasks}
-            targets = {t: self._teacher(skeleton, fts[t], heads[t], x[t], device)[1] for t in tasks}
+            work = torch.float64 if feats[tasks[0]].dtype == torch.float64 else torch.float32
+            feats = {t: f.to(work) for t, f in feats.items()}
+            targets = {t: self._teacher(skeleton, fts[t], heads[t], x[t], device)[1].to(work) for t in tasks}
         dim = feats[tasks[0]].shape[1]
         gen = _generator(self.random_state)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
-            adapters = nn.ModuleDict({t: _adapter(dim, self.rank) for t in tasks}).to(device)
+            adapters = nn.ModuleDict({t: _adapter(dim, self.rank) for t in tasks}).to(device, work)
         opt = torch.optim.Adam(adapters.parameters(), lr=self.lr)
         history = []
         for step in range(1, self.n_steps + 1):
@@ -447,9 +452,17 @@ class HeadFineTuning(_DataMerger):
         with torch.no_grad():
             feats = {t: encode(skeleton, theta, x[t]) for t in tasks}
             teacher = {t: self._teacher(skeleton, fts[t], heads[t], x[t], device)[0] for t in tasks}
+        # train in float32 (float64 models: float64): Adam in half precision underflows
+        work = torch.float64 if feats[tasks[0]].dtype == torch.float64 else torch.float32
+        feats = {t: f.to(work) for t, f in feats.items()}
+        teacher = {t: v.to(work) for t, v in teacher.items()}
+        dtypes = {t: {k: v.dtype for k, v in heads[t].state_dict().items()} for t in tasks}
         tuned = {
             t: {
-                k: v.detach().to(device).clone().requires_grad_(v.is_floating_point())
+                k: v.detach()
+                .to(device, work if v.is_floating_point() else v.dtype)
+                .clone()
+                .requires_grad_(v.is_floating_point())
                 for k, v in heads[t].state_dict().items()
             }
             for t in tasks
@@ -470,7 +483,9 @@ class HeadFineTuning(_DataMerger):
             opt.step()
             history.append({"step": step, "loss": float(loss.detach())})
         self.tasks_ = tasks
-        self.head_states_ = {t: {k: v.detach().cpu() for k, v in st.items()} for t, st in tuned.items()}
+        self.head_states_ = {
+            t: {k: v.detach().to(dtypes[t][k]).cpu() for k, v in st.items()} for t, st in tuned.items()
+        }
         self.history_, self.n_iter_, self.extra_params_ = history, self.n_steps, 0
         return self
 
