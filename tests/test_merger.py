@@ -259,13 +259,8 @@ def test_bf16_autocast_on_cpu_keeps_fp32_mask_scores_and_rotations(problem, unla
 
 @pytest.mark.parametrize("base", ["task_arithmetic", "ties"])
 def test_finetuned_encoders_as_checkpoint_paths_give_the_same_fit(problem, unlabeled, tmp_path, base):
-    from safetensors.torch import save_file
-
     pre, experts, heads, _ = problem
-    paths = {}
-    for t, m in experts.items():
-        paths[t] = tmp_path / f"{t}.safetensors"
-        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(paths[t]))
+    paths = _save_experts(experts, tmp_path)
     kw = dict(n_steps=5, sparsity=0.2, base=base, random_state=0)
     from_paths = MOMAMerger(pre, paths, heads, **kw).fit(unlabeled)
     from_modules = MOMAMerger(pre, experts, heads, **kw).fit(unlabeled)
@@ -314,34 +309,21 @@ def test_task_groups_cover_every_task_once():
 
 
 def test_ties_base_from_checkpoint_paths_holds_one_expert_at_a_time(problem, unlabeled, tmp_path, monkeypatch):
-    from safetensors.torch import save_file
-
     import momaestimator.merger as merger_module
 
     pre, experts, heads, _ = problem
-    paths = {}
-    for t, m in experts.items():
-        paths[t] = tmp_path / f"{t}.safetensors"
-        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(paths[t]))
-    live, peak, loads = [0], [0], []
-    real = merger_module._load_state
-
-    class Tracked(dict):
-        def __del__(self):
-            live[0] -= 1
+    paths = _save_experts(experts, tmp_path)
+    alive, loads, real = _Alive(), [], merger_module._load_state
 
     def tracking_load(source, task):
-        state = Tracked(real(source, task))
-        live[0] += 1
-        peak[0] = max(peak[0], live[0])
         loads.append(task)
-        return state
+        return alive.track(real(source, task))
 
     merger = MOMAMerger(pre, paths, heads, base="ties", n_steps=2, random_state=0)
     tasks, pre_state, fts, _ = merger._check_models(values=False)
     monkeypatch.setattr(merger_module, "_load_state", tracking_load)
     tau = merger._multitask_vector(pre_state, fts, "cpu")
-    assert peak[0] == 1 and live[0] == 0
+    assert alive.peak == 1 and alive.now == 0
     assert loads == tasks + tasks  # two passes over the checkpoints
     expected = multitask_vector(pre, experts, base="ties", top_k=merger.top_k)
     assert set(tau) == set(expected) and all(torch.equal(tau[k], expected[k]) for k in expected)
@@ -350,24 +332,18 @@ def test_ties_base_from_checkpoint_paths_holds_one_expert_at_a_time(problem, unl
 @pytest.mark.parametrize("base", ["task_arithmetic", "ties"])
 def test_finetuned_encoders_as_loaders_give_the_same_fit_one_expert_at_a_time(problem, unlabeled, base):
     pre, experts, heads, _ = problem
-    live, peak, calls = [0], [0], []
-
-    class Tracked(dict):
-        def __del__(self):
-            live[0] -= 1
+    alive, calls = _Alive(), []
 
     def loader(task):
         def load():
             calls.append(task)
-            live[0] += 1
-            peak[0] = max(peak[0], live[0])
-            return Tracked({k: v.clone() for k, v in experts[task].state_dict().items()})
+            return alive.track({k: v.clone() for k, v in experts[task].state_dict().items()})
 
         return load
 
     kw = dict(n_steps=4, sparsity=0.2, base=base, random_state=0)
     lazy = MOMAMerger(pre, {t: loader(t) for t in experts}, heads, **kw).fit(unlabeled)
-    assert peak[0] == 1 and live[0] == 0  # never two experts at once, none kept
+    assert alive.peak == 1 and alive.now == 0  # never two experts at once, none kept
     reads = 1 + 1 + (2 if base == "ties" else 1)  # validation, teacher logits, tau_MT
     assert sorted(calls) == sorted(list(experts) * reads)
     eager = MOMAMerger(pre, experts, heads, **kw).fit(unlabeled)
@@ -418,3 +394,33 @@ def test_non_float32_encoders_fit_the_same_way_in_one_or_several_passes(problem,
         assert a["loss"] == pytest.approx(b["loss"], rel=rel)
     agree = sum(int((joint.mask_[k] == seq.mask_[k]).sum()) for k in joint.mask_)
     assert agree / n_total > 0.99
+
+
+def _save_experts(experts, folder):
+    """Each expert's state dict as a safetensors checkpoint; ``{task: path}``."""
+    from safetensors.torch import save_file
+
+    paths = {}
+    for t, m in experts.items():
+        paths[t] = folder / f"{t}.safetensors"
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(paths[t]))
+    return paths
+
+
+class _Alive:
+    """Counts the state dicts handed out that are still referenced (and the most at once)."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+        alive = self
+
+        class Tracked(dict):
+            def __del__(self):
+                alive.now -= 1
+
+        self._cls = Tracked
+
+    def track(self, state):
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        return self._cls(state)
