@@ -310,13 +310,21 @@ class MOMAMerger(BaseEstimator):
 
         x_train, x_val = self._holdout(x_all, generator)
         targets_train, targets_val = {}, {}
+        # checkpoints and loaders with the Task Arithmetic base: tau_MT is summed from the same read
+        # that gives the teacher logits (one read per expert, not two)
+        lazy_ta = self.base == "task_arithmetic" and any(_is_lazy(s) for s in fts.values())
+        tau = {k: torch.zeros_like(v) for k, v in theta0.items() if v.is_floating_point()} if lazy_ta else None
         for t in tasks:  # one expert at a time: it can leave memory afterwards
             state = {k: v.to(device) for k, v in _load_state(fts[t], t).items()}
             targets_train[t] = teacher_targets(skeleton, state, head_specs[t], x_train[t], autocast_dtype=autocast)
             if t in x_val:
                 targets_val[t] = teacher_targets(skeleton, state, head_specs[t], x_val[t], autocast_dtype=autocast)
+            if tau is not None:
+                for k in tau:
+                    tau[k] += state[k] - theta0[k]
             del state
-        tau = self._multitask_vector(pre_state, fts, device)
+        if tau is None:
+            tau = self._multitask_vector(pre_state, fts, device)
 
         cfg = FitConfig(
             sparsity=self.sparsity,
