@@ -118,6 +118,11 @@ class MOMAMerger(BaseEstimator):
         ``k`` tasks per pass. Gradients accumulate over the passes of a step, so every choice
         takes the same step up to float rounding; several passes keep the activations of one
         pass only, at the price of one encoder-sized gradient buffer (see the scaling guide).
+    cuda_graphs : bool, default=True
+        On a CUDA device, capture each pass's encoder forward and backward as CUDA graphs after
+        two eager steps and replay them for the remaining steps (same computation, one launch per
+        pass instead of one per kernel). An encoder that cannot be captured (one that synchronises
+        with the host) is fitted eagerly, with a warning. Ignored on other devices.
     device : str or torch.device, default="cpu"
         Where fitting and scoring run; the user's modules stay where they are.
     random_state : int, RandomState instance or None, default=None
@@ -134,7 +139,8 @@ class MOMAMerger(BaseEstimator):
     rotations_ : dict of str to torch.Tensor
         ``Q_t`` (``d × d``, orthogonal) per task.
     history_ : list of dict
-        One record per step: ``step``, ``loss``, ``per_task_loss``, ``seconds``, ``valid_loss`` when evaluated.
+        One record per step: ``step``, ``loss``, ``per_task_loss``, ``seconds``, ``valid_loss`` when
+        evaluated, and on a CUDA device ``graphed`` (whether the step replayed CUDA graphs).
     n_iter_ : int
         Steps run.
     best_step_ : int
@@ -176,6 +182,7 @@ class MOMAMerger(BaseEstimator):
         rotation_map="exp",
         precision=None,
         task_batching="sequential",
+        cuda_graphs=True,
         device="cpu",
         random_state=None,
         verbose=0,
@@ -199,6 +206,7 @@ class MOMAMerger(BaseEstimator):
         self.rotation_map = rotation_map
         self.precision = precision
         self.task_batching = task_batching
+        self.cuda_graphs = cuda_graphs
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -234,7 +242,7 @@ class MOMAMerger(BaseEstimator):
         V.check_choice(self.rotation_map, "rotation_map", ("exp", "cayley"))
         V.check_choice(self.precision, "precision", list(V.PRECISIONS))
         V.check_task_batching(self.task_batching)
-        for flag in ("learn_mask", "learn_rotations"):
+        for flag in ("learn_mask", "learn_rotations", "cuda_graphs"):
             if not isinstance(getattr(self, flag), (bool, np.bool_)):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         V.check_number(self.verbose, "verbose", low=0, integer=True)
@@ -340,6 +348,7 @@ class MOMAMerger(BaseEstimator):
             rotation_map=self.rotation_map,
             autocast_dtype=autocast,
             task_batching=self.task_batching,
+            cuda_graphs=self.cuda_graphs,
             verbose=self.verbose,
         )
         progress = None

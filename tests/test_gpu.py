@@ -125,3 +125,52 @@ def test_mask_threshold_and_merge_on_cuda_equal_cpu():
         assert torch.equal(out[k].cpu(), masked_merge(theta0[k], tau[k], keep, 0.3))
     b_cpu, b_gpu = masks["cpu"].binary(), masks["cuda"].binary()
     assert all(torch.equal(b_cpu[k], b_gpu[k].cpu()) for k in tau)
+
+
+@pytest.mark.parametrize("batching", ["sequential", "joint"])
+def test_cuda_graph_replay_takes_the_eager_steps(problem, unlabeled, batching):
+    pre, experts, heads, _ = problem
+    kw = dict(
+        n_steps=8, sparsity=0.2, rotation_lr=0.01, validation_fraction=0.25, eval_every=3, random_state=0, device="cuda"
+    )
+    eager = MOMAMerger(pre, experts, heads, task_batching=batching, cuda_graphs=False, **kw).fit(unlabeled)
+    graphed = MOMAMerger(pre, experts, heads, task_batching=batching, **kw).fit(unlabeled)
+    # two eager warm-up steps, then every step replays the captured passes
+    assert [h["graphed"] for h in graphed.history_] == [False, False] + [True] * 6
+    assert not any(h["graphed"] for h in eager.history_)
+    for a, b in zip(eager.history_, graphed.history_):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a.get("valid_loss") == pytest.approx(b.get("valid_loss"), rel=1e-5)
+    agree = sum(int((eager.mask_[k] == graphed.mask_[k]).sum()) for k in eager.mask_)
+    assert agree / sum(m.numel() for m in eager.mask_.values()) > 0.999
+    assert eager.best_step_ == graphed.best_step_
+    for t in eager.rotations_:
+        assert torch.allclose(eager.rotations_[t], graphed.rotations_[t], atol=1e-5)
+
+
+class _HostSyncingEncoder(torch.nn.Module):
+    """Wraps an encoder with a host synchronisation in its forward: cannot be graph-captured."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        z = self.inner(x)
+        if bool(torch.isnan(z).any()):  # a device-to-host read
+            raise ValueError("nan features")
+        return z
+
+
+def test_cuda_graph_capture_failure_falls_back_to_eager(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    pre_s = _HostSyncingEncoder(copy.deepcopy(pre))
+    experts_s = {t: _HostSyncingEncoder(copy.deepcopy(e)) for t, e in experts.items()}
+    kw = dict(n_steps=5, sparsity=0.2, validation_fraction=0.0, random_state=0, device="cuda")
+    eager = MOMAMerger(pre_s, experts_s, heads, cuda_graphs=False, **kw).fit(unlabeled)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        fallback = MOMAMerger(pre_s, experts_s, heads, **kw).fit(unlabeled)
+    assert not any(h["graphed"] for h in fallback.history_)
+    assert [h["loss"] for h in fallback.history_] == pytest.approx([h["loss"] for h in eager.history_], rel=1e-5)
+    # the device is usable after the failed capture
+    assert torch.cuda.is_available() and float(torch.ones(2, device="cuda").sum()) == 2.0

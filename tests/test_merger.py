@@ -424,3 +424,12 @@ class _Alive:
         self.now += 1
         self.peak = max(self.peak, self.now)
         return self._cls(state)
+
+
+def test_cuda_graphs_is_a_no_op_off_cuda(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    kw = dict(n_steps=5, validation_fraction=0.0, random_state=0)
+    on = MOMAMerger(pre, experts, heads, cuda_graphs=True, **kw).fit(unlabeled)
+    off = MOMAMerger(pre, experts, heads, cuda_graphs=False, **kw).fit(unlabeled)
+    assert [h["loss"] for h in on.history_] == [h["loss"] for h in off.history_]
+    assert all("graphed" not in h for h in on.history_)  # the key exists on CUDA devices only

@@ -94,6 +94,7 @@ def test_non_finite_inputs(models, unlabeled, bad):
         ("objective", "mse", ValueError, "unknown objective 'mse'"),
         ("device", "tpu", ValueError, "device"),
         ("precision", "int8", ValueError, "unknown precision"),
+        ("cuda_graphs", "yes", TypeError, "cuda_graphs must be True or False"),
     ],
 )
 def test_out_of_range_parameters(models, unlabeled, param, value, exc, match):

@@ -28,7 +28,9 @@ class PeakMemory:
     """Context manager measuring seconds and the peak memory *added* while it is open.
 
     On CPU a thread samples the resident set size every ``interval`` seconds; on CUDA the
-    allocator's peak is used. ``peak_mb`` is the peak minus the value on entry.
+    allocator's peak is used. ``peak_mb`` is the peak minus the value on entry; on CUDA
+    ``peak_reserved_mb`` is the same for the memory the caching allocator reserved (cached blocks
+    and CUDA graph pools included).
 
     Examples
     --------
@@ -52,6 +54,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start_mem = torch.cuda.memory_allocated(self.device)
+            self._start_reserved = torch.cuda.memory_reserved(self.device)
         else:
             self._start_mem = self._peak = rss_bytes()
             self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -68,6 +71,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
+            reserved = torch.cuda.max_memory_reserved(self.device) - self._start_reserved
+            self.peak_reserved_mb = max(0.0, reserved / 2**20)
         else:
             self._peak = max(self._peak, rss_bytes())
             self._stop.set()

@@ -51,6 +51,7 @@ def measure(
     device: str,
     precision=None,
     task_batching="joint",
+    cuda_graphs=True,
 ) -> dict:
     """One measurement (on CPU run it in a fresh process): time ``fit`` and measure its peak memory."""
     import torch
@@ -103,12 +104,15 @@ def measure(
                 validation_fraction=0.0,
                 precision=precision,
                 task_batching=task_batching,
+                cuda_graphs=cuda_graphs,
                 device=device,
                 random_state=0,
             ).fit(X)
     out["fit_seconds"] = mem.seconds
     out["peak_extra_mb"] = mem.peak_mb
     out["peak_over_param_bytes"] = mem.peak_mb * 2**20 / param_bytes
+    if hasattr(mem, "peak_reserved_mb"):  # CUDA: what the caching allocator (and graph pools) held
+        out["peak_reserved_mb"] = mem.peak_reserved_mb
     if method != "task_arithmetic":
         sec = [h["seconds"] for h in est.history_]
         out["seconds_per_step"] = statistics.median(b - a for a, b in zip(sec, sec[1:])) if len(sec) > 1 else sec[0]
@@ -219,6 +223,13 @@ def main(argv=None) -> int:
         default=["sequential", "joint"],
         help="MOMAMerger task_batching values: joint, sequential or tasks per pass (default: sequential joint)",
     )
+    p.add_argument(
+        "--cuda-graphs",
+        nargs="+",
+        default=["on"],
+        choices=["on", "off"],
+        help="MOMAMerger cuda_graphs values to measure on CUDA (default: on); 'off' rows are labelled 'eager'",
+    )
     p.add_argument("--large", default=None, help="also run this architecture at the smallest T (e.g. ViT-L-14)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument(
@@ -236,18 +247,20 @@ def main(argv=None) -> int:
         return 0
     run = _run_in_process if (args.in_process or args.device.startswith("cuda")) else _run_child
     rows = []
-    variants = []  # (label, method, task_batching)
+    variants = []  # (label, method, task_batching, cuda_graphs)
+    graph_modes = args.cuda_graphs if args.device.startswith("cuda") else ["on"]
     for method in args.methods:
         if method == "moma":
             for tb in args.task_batching:
                 tb = int(tb) if tb.isdigit() else tb
-                suffix = f",{args.precision}" if args.precision else ""
-                variants.append((f"moma[{tb}{suffix}]", "moma", tb))
+                for mode in graph_modes:
+                    suffix = (f",{args.precision}" if args.precision else "") + (",eager" if mode == "off" else "")
+                    variants.append((f"moma[{tb}{suffix}]", "moma", tb, mode == "on"))
         else:
-            variants.append((method, method, None))
+            variants.append((method, method, None, True))
     plan = [(args.model, t) for t in args.tasks] + ([(args.large, min(args.tasks))] if args.large else [])
     for model, t in plan:
-        for label, method, batching in variants:
+        for label, method, batching, graphs in variants:
             r = (_run_child if method == "task_arithmetic" else run)(
                 {
                     "model": model,
@@ -258,6 +271,7 @@ def main(argv=None) -> int:
                     "device": args.device,
                     "precision": args.precision,
                     "task_batching": batching,
+                    "cuda_graphs": graphs,
                 }
             )
             r.update(model=model, n_tasks=t, method=label)
@@ -268,7 +282,7 @@ def main(argv=None) -> int:
             f"targets: peak(T={max(args.tasks)})/peak(T={min(args.tasks)}) <= 1.25, "
             "peak <= 8x encoder bytes, step <= 1.5x floor"
         )
-    for label, _, _ in variants:
+    for label, *_ in variants:
         mine = [r for r in rows if r["method"] == label and r["model"] == args.model and r.get("peak_extra_mb")]
         if len(mine) >= 2:
             lo = min(mine, key=lambda r: r["n_tasks"])
@@ -299,6 +313,8 @@ def _fmt(r):
         if "peak_extra_mb" in r
         else ""
     )
+    if "peak_reserved_mb" in r:
+        mem += f", reserved +{r['peak_reserved_mb']:.0f} MB"
     return f"{r['model']:<9} T={r['n_tasks']:<2} {r['method']:<22} {step}{ratio}  {mem} ({r.get('memory', '')})"
 
 

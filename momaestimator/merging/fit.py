@@ -13,6 +13,7 @@ import ctypes.util
 import functools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ from .rotation import Rotations
 __all__ = [
     "FitConfig",
     "FitResult",
+    "GraphedPass",
     "ScoreAdam",
     "fit_moma",
     "moma_logits",
@@ -68,6 +70,9 @@ class FitConfig:
         Autocast dtype of the encoder's forward pass.
     task_batching : {"joint", "sequential"} or int, default="sequential"
         Tasks per forward/backward pass (:func:`task_groups`); gradients accumulate over passes.
+    cuda_graphs : bool, default=True
+        On a CUDA device, capture each pass's encoder forward and backward as CUDA graphs after
+        the first steps and replay them (:class:`GraphedPass`); ignored on other devices.
     verbose : int, default=0
         Verbosity.
 
@@ -90,6 +95,7 @@ class FitConfig:
     rotation_map: str = "exp"
     autocast_dtype: torch.dtype | None = None
     task_batching: str | int = "sequential"
+    cuda_graphs: bool = True
     verbose: int = 0
 
 
@@ -241,10 +247,10 @@ def work_dtype(tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def _autocast(x, dtype):
+def _autocast(x, dtype, cache_enabled=True):
     if dtype is None:
         return torch.autocast(device_type=x.device.type, enabled=False)
-    return torch.autocast(device_type=x.device.type, dtype=dtype)
+    return torch.autocast(device_type=x.device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def moma_logits(skeleton, theta, head: HeadSpec, q, x, *, autocast_dtype=None):
@@ -334,9 +340,123 @@ def _refresh_theta(ctx):
     """The merged weights for the current scores, rewritten in place into the persistent leaves."""
     if ctx.mask is None:
         return ctx.fixed_theta
-    ctx.threshold = ctx.mask.threshold()
+    ctx.threshold.copy_(ctx.mask.threshold())  # in place: captured graphs read this tensor
     ctx.mask.merge_into(ctx.leaves, ctx.theta0, ctx.tau, ctx.cfg.scaling, ctx.threshold)
     return ctx.theta
+
+
+class GraphedPass:
+    """The encoder's forward and backward of one pass, captured as two CUDA graphs.
+
+    A fit step runs the same passes on fixed-size batches against the same tensors (the merged
+    weights are rewritten in place, their gradient buffers are kept), so after the first steps
+    each pass is captured once and replayed: one launch instead of one per kernel, which is what
+    small passes on a GPU are bound by. The rotation, heads and loss stay eager around it; the
+    backward graph accumulates into the merged weights' gradients (several passes) or takes the
+    score steps inside the backward pass (one pass), exactly as the eager pass does.
+
+    Parameters
+    ----------
+    skeleton : torch.nn.Module
+        Structure copy of the encoder.
+    theta : dict of str to torch.Tensor
+        The merged state dict (fixed tensors, updated in place between replays).
+    inputs : torch.Tensor
+        Static input buffer; copy each batch into it before :meth:`__call__` reads it.
+    out_dtype : torch.dtype
+        Working dtype of the features.
+    autocast_dtype : torch.dtype or None
+        Autocast dtype of the forward pass.
+    pool : optional
+        CUDA graph memory pool shared by the passes of a step (they replay in capture order).
+    stream : torch.cuda.Stream, optional
+        Stream of the warm-up pass and of the capture; give all passes the same one (each stream
+        gets its own library workspaces, which stay allocated).
+    """
+
+    def __init__(self, skeleton, theta, inputs, out_dtype, autocast_dtype, *, pool=None, stream=None):
+        self.inputs = inputs
+        stream = torch.cuda.Stream(device=inputs.device) if stream is None else stream
+        self._warm_up(skeleton, theta, autocast_dtype, stream)
+        self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), None
+        with torch.cuda.graph(self.forward_graph, pool=pool, stream=stream):
+            with _autocast(inputs, autocast_dtype, cache_enabled=False):
+                z = encode(skeleton, theta, inputs)
+            z = z.to(out_dtype)
+        self.features = z.detach()
+        self.grad = torch.zeros_like(self.features)
+        if z.requires_grad:
+            self.backward_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.backward_graph, pool=pool, stream=stream):
+                z.backward(self.grad)
+        self.anchor = torch.zeros((), device=inputs.device, requires_grad=self.backward_graph is not None)
+
+    def _warm_up(self, skeleton, theta, autocast_dtype, stream):
+        # one pass on the capture stream before capturing, as CUDA graphs ask (library handles and
+        # workspaces for that stream); the gradient goes to a copy of the inputs only, so nothing
+        # the fit learns is touched
+        device = self.inputs.device
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            x = self.inputs.clone().float().requires_grad_() if self.inputs.is_floating_point() else None
+            with _autocast(self.inputs, autocast_dtype, cache_enabled=False):
+                z = encode(skeleton, theta, x.to(self.inputs.dtype) if x is not None else self.inputs)
+            if x is not None and z.requires_grad:
+                torch.autograd.grad(z.float().sum(), [x])
+            del x, z
+        torch.cuda.current_stream(device).wait_stream(stream)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The features of ``x`` (differentiable: their backward replays the backward graph)."""
+        self.inputs.copy_(x, non_blocking=True)
+        return _ReplayPass.apply(self.anchor, self)
+
+
+class _ReplayPass(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, graphed):
+        ctx.graphed = graphed
+        graphed.forward_graph.replay()
+        return graphed.features.clone()  # the next replay overwrites the static output
+
+    @staticmethod
+    def backward(ctx, grad):
+        graphed = ctx.graphed
+        graphed.grad.copy_(grad)
+        graphed.backward_graph.replay()
+        return None, None
+
+
+def _capture_passes(ctx, batches) -> None:
+    """Capture every pass of the step as CUDA graphs (one shared pool, one input buffer per shape).
+
+    A capture that fails (an encoder that synchronises with the host, say) leaves the fit eager.
+    """
+    items = list(batches.items())
+    torch.cuda.empty_cache()  # the eager steps' cached blocks: the graphs get their own pool
+    pool, buffers, graphs = torch.cuda.graph_pool_handle(), {}, []
+    stream = torch.cuda.Stream(device=ctx.device)
+    try:
+        for group in ctx.groups:
+            first = ctx.x_train[items[group[0]][0]]
+            shape = (sum(len(items[i][1]) for i in group), *first.shape[1:])
+            key = (shape, first.dtype)
+            if key not in buffers:
+                buffers[key] = torch.zeros(shape, dtype=first.dtype, device=ctx.device)
+            graphs.append(
+                GraphedPass(
+                    ctx.skeleton, ctx.theta, buffers[key], ctx.dtype, ctx.cfg.autocast_dtype, pool=pool, stream=stream
+                )
+            )
+    except Exception as exc:  # noqa: BLE001 - any capture failure: fall back to eager passes
+        warnings.warn(
+            f"CUDA graph capture failed ({type(exc).__name__}: {exc}); fitting without CUDA graphs",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        torch.cuda.synchronize(ctx.device)
+        graphs = None
+    ctx.graphs = graphs
 
 
 def train_step(ctx, batches, step):
@@ -350,6 +470,10 @@ def train_step(ctx, batches, step):
     differentiated once, after the passes.
     """
     theta = _refresh_theta(ctx)
+    if ctx.use_graphs and ctx.graphs is None and step > _GRAPH_WARMUP_STEPS:
+        _capture_passes(ctx, batches)
+        ctx.use_graphs = ctx.graphs is not None
+    graphs = ctx.graphs if ctx.use_graphs else None
     q_all = q_leaf = None
     if ctx.rotations is not None:
         ctx.optimizer.zero_grad(set_to_none=True)
@@ -357,12 +481,15 @@ def train_step(ctx, batches, step):
         q_leaf = q_all.detach().requires_grad_()  # the passes' gradients gather here
     items = list(batches.items())
     losses = {}  # task -> detached loss tensor: read once per step (one device sync, not one per pass)
-    for group in ctx.groups:
+    for g, group in enumerate(ctx.groups):
         xs = [ctx.x_train[items[i][0]] for i in group]
         xs = to_device(torch.cat([x[items[i][1].to(x.device)] for i, x in zip(group, xs)]), ctx.device)
-        with _autocast(xs, ctx.cfg.autocast_dtype):
-            z_all = encode(ctx.skeleton, theta, xs)
-        z_all = z_all.to(ctx.dtype)
+        if graphs is not None:
+            z_all = graphs[g](xs)
+        else:
+            with _autocast(xs, ctx.cfg.autocast_dtype):
+                z_all = encode(ctx.skeleton, theta, xs)
+            z_all = z_all.to(ctx.dtype)
         group_losses, offset = {}, 0
         for i in group:
             task, idx = items[i]
@@ -388,6 +515,9 @@ def train_step(ctx, batches, step):
     values = torch.stack(list(losses.values())).tolist()
     losses = dict(zip(losses, values))
     return sum(values), losses
+
+
+_GRAPH_WARMUP_STEPS = 2  # eager steps before the passes are captured (buffers and handles exist by then)
 
 
 @functools.cache
@@ -634,6 +764,12 @@ def fit_moma(
     if ctx.mask is not None:
         ctx.leaves = {k: torch.empty_like(tau[k]).requires_grad_() for k in ctx.mask.names}
         ctx.theta = {**theta0, **ctx.leaves}
+        ctx.threshold = ctx.mask.threshold().clone()
+    elif ctx.fixed_theta is not None:
+        ctx.theta = ctx.fixed_theta
+    # CUDA graphs: worth it only with steps left to replay after the eager warm-up steps
+    ctx.use_graphs = cfg.cuda_graphs and device.type == "cuda" and cfg.n_steps > _GRAPH_WARMUP_STEPS + 1
+    ctx.graphs = None
     # Fused Adam updates in place without full-size temporaries; one optimiser per score tensor so
     # that each tensor's scores can be stepped as soon as their gradient exists. With a single pass
     # per step that happens inside backward, and the gradient is dropped at once: no encoder-sized
@@ -681,6 +817,8 @@ def fit_moma(
                 release_free_memory()
             n_iter = step
             record = {"step": step, "loss": loss, "per_task_loss": per_task, "seconds": time.perf_counter() - start}
+            if device.type == "cuda":
+                record["graphed"] = ctx.graphs is not None
             if ctx.x_val and (step % cfg.eval_every == 0 or step == cfg.n_steps):
                 val = validation_loss(ctx)
                 record["valid_loss"] = val
@@ -693,6 +831,7 @@ def fit_moma(
             raise
     for h in hooks:
         h.remove()
+    ctx.graphs = None  # releases the graphs' memory pool
     ctx.leaves = ctx.theta = None  # free the merged weights before the final mask is computed
     if not ctx.x_val:
         best_state, best_step = (None, None), n_iter
