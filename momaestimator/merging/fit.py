@@ -416,14 +416,16 @@ class _ReplayPass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, graphed):
         ctx.graphed = graphed
-        graphed.forward_graph.replay()
+        with torch.cuda.device(graphed.inputs.device):  # replay launches on the current device's stream
+            graphed.forward_graph.replay()
         return graphed.features.clone()  # the next replay overwrites the static output
 
     @staticmethod
     def backward(ctx, grad):
         graphed = ctx.graphed
         graphed.grad.copy_(grad)
-        graphed.backward_graph.replay()
+        with torch.cuda.device(graphed.inputs.device):
+            graphed.backward_graph.replay()
         return None, None
 
 
@@ -434,20 +436,27 @@ def _capture_passes(ctx, batches) -> None:
     """
     items = list(batches.items())
     torch.cuda.empty_cache()  # the eager steps' cached blocks: the graphs get their own pool
-    pool, buffers, graphs = torch.cuda.graph_pool_handle(), {}, []
-    stream = torch.cuda.Stream(device=ctx.device)
+    buffers, graphs = {}, []
     try:
-        for group in ctx.groups:
-            first = ctx.x_train[items[group[0]][0]]
-            shape = (sum(len(items[i][1]) for i in group), *first.shape[1:])
-            key = (shape, first.dtype)
-            if key not in buffers:
-                buffers[key] = torch.zeros(shape, dtype=first.dtype, device=ctx.device)
-            graphs.append(
-                GraphedPass(
-                    ctx.skeleton, ctx.theta, buffers[key], ctx.dtype, ctx.cfg.autocast_dtype, pool=pool, stream=stream
+        with torch.cuda.device(ctx.device):  # captures (and their pool) on the fit device, whichever is current
+            pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=ctx.device)
+            for group in ctx.groups:
+                first = ctx.x_train[items[group[0]][0]]
+                shape = (sum(len(items[i][1]) for i in group), *first.shape[1:])
+                key = (shape, first.dtype)
+                if key not in buffers:
+                    buffers[key] = torch.zeros(shape, dtype=first.dtype, device=ctx.device)
+                graphs.append(
+                    GraphedPass(
+                        ctx.skeleton,
+                        ctx.theta,
+                        buffers[key],
+                        ctx.dtype,
+                        ctx.cfg.autocast_dtype,
+                        pool=pool,
+                        stream=stream,
+                    )
                 )
-            )
     except Exception as exc:  # noqa: BLE001 - any capture failure: fall back to eager passes
         warnings.warn(
             f"CUDA graph capture failed ({type(exc).__name__}: {exc}); fitting without CUDA graphs",
