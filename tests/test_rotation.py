@@ -88,3 +88,15 @@ def test_score_gradient_in_place_equals_the_new_tensor_form():
     assert out.data_ptr() == buf.data_ptr()
     assert torch.allclose(buf, expected, rtol=1e-6, atol=1e-8)
     assert (expected != 0).all()
+
+
+def test_score_gradient_with_a_scratch_buffer_gives_the_same_bits():
+    gen = torch.Generator().manual_seed(5)
+    grad, scores, tau = (torch.randn(6, 7, generator=gen) for _ in range(3))
+    expected = score_gradient(grad, scores, torch.tensor(0.1), tau, 0.3)
+    scratch = torch.full((100,), float("nan"))  # larger than the tensor; leftovers must not leak in
+    buf = grad.clone()
+    out = score_gradient(buf, scores, torch.tensor(0.1), tau, 0.3, out=buf, buffer=scratch)
+    assert torch.equal(out, expected)
+    assert torch.equal(scratch[:42].view(6, 7), torch.sigmoid(scores - 0.1))  # the sigmoid went there
+    assert scratch[42:].isnan().all()

@@ -619,9 +619,17 @@ class ScoreAdam:
 
 
 def _step_scores(ctx, i, grad_merged):
-    """Turn one merged tensor's gradient into its scores' gradient and take their Adam step."""
+    """Turn one merged tensor's gradient into its scores' gradient and take their Adam step.
+
+    On the CPU a float32 gradient (dropped right after) is overwritten in place and the sigmoid
+    goes to the fit's scratch buffer: no new tensors.
+    """
     k = ctx.mask.names[i]
-    grad = score_gradient(grad_merged, ctx.mask.scores[i], ctx.threshold, ctx.tau[k], ctx.cfg.scaling)
+    args = (grad_merged, ctx.mask.scores[i], ctx.threshold, ctx.tau[k], ctx.cfg.scaling)
+    if ctx.scratch is not None and grad_merged.dtype == torch.float32:
+        grad = score_gradient(*args, out=grad_merged, buffer=ctx.scratch)
+    else:
+        grad = score_gradient(*args)
     ctx.score_optimizer.step([i], [grad])
 
 
@@ -640,7 +648,9 @@ def _step_all_scores(ctx):
             _step_scores(ctx, i, w.grad)
             continue
         k = ctx.mask.names[i]
-        score_gradient(w.grad, ctx.mask.scores[i], ctx.threshold, ctx.tau[k], ctx.cfg.scaling, out=w.grad)
+        score_gradient(
+            w.grad, ctx.mask.scores[i], ctx.threshold, ctx.tau[k], ctx.cfg.scaling, out=w.grad, buffer=ctx.scratch
+        )
         indices.append(i)
         grads.append(w.grad)
     if indices:
@@ -798,6 +808,10 @@ def fit_moma(
             ]
     ctx.learns = ctx.mask is not None or ctx.rotations is not None
     ctx.trim_heap = device.type == "cpu"
+    # CPU: one scratch tensor (the largest score tensor's size) for the score gradients' sigmoid
+    ctx.scratch = None
+    if ctx.mask is not None and device.type == "cpu":
+        ctx.scratch = torch.empty(max((s.numel() for s in ctx.mask.scores), default=0), dtype=torch.float32)
     if ctx.trim_heap:  # what building τ_MT and the scores left behind
         release_free_memory()
 

@@ -73,7 +73,7 @@ class _StraightThroughMerge(torch.autograd.Function):
         return score_gradient(grad_out, scores, threshold, tau, ctx.scaling), None, None, None, None
 
 
-def score_gradient(grad_merged, scores, threshold, tau, scaling, *, out=None) -> torch.Tensor:
+def score_gradient(grad_merged, scores, threshold, tau, scaling, *, out=None, buffer=None) -> torch.Tensor:
     """Straight-through gradient of the scores from the gradient of the merged weights.
 
     ``∂L/∂s = ∂L/∂θ · λ τ · σ'(s - t)``: the hard mask's derivative is replaced by that of a
@@ -94,6 +94,10 @@ def score_gradient(grad_merged, scores, threshold, tau, scaling, *, out=None) ->
     out : torch.Tensor, optional
         Where to write the result (may be ``grad_merged`` itself, if it is float32: then no new
         full-size tensor is made).
+    buffer : torch.Tensor, optional
+        A contiguous float32 scratch tensor with at least ``scores.numel()`` entries, reused for
+        the sigmoid instead of a new tensor (on a CPU a fresh tensor of a few MB is fresh pages
+        from the system, each faulted in: the fit passes one buffer for all tensors).
 
     Returns
     -------
@@ -105,7 +109,11 @@ def score_gradient(grad_merged, scores, threshold, tau, scaling, *, out=None) ->
     >>> score_gradient(torch.ones(2), torch.zeros(2), torch.tensor(0.0), torch.tensor([1.0, -2.0]), 1.0)
     tensor([ 0.2500, -0.5000])
     """
-    sig = torch.sub(scores.detach(), threshold).sigmoid_()
+    if buffer is None:
+        sig = torch.sub(scores.detach(), threshold).sigmoid_()
+    else:
+        sig = torch.sub(scores.detach(), threshold, out=buffer.view(-1)[: scores.numel()].view(scores.shape))
+        sig.sigmoid_()
     if out is not None and out is grad_merged:
         grad = grad_merged.mul_(tau).mul_(scaling)
     else:
@@ -235,8 +243,10 @@ class GlobalMask(nn.Module):
             torch._foreach_add_(leaves, [theta0[k] for k in self.names])
             return
         for k, s, w in zip(self.names, self.scores, leaves):  # CPU: tensor by tensor, while it is in cache
-            torch.mul(tau[k], s.detach() > thr, out=w)
-            w.mul_(scaling).add_(theta0[k])
+            # the mask written as 1.0/0.0 straight into the output: no temporary (each one would be
+            # fresh pages faulted in); (m·τ)·λ + θ0 is masked_merge's arithmetic, so the same bits
+            torch.gt(s.detach(), thr, out=w)
+            w.mul_(tau[k]).mul_(scaling).add_(theta0[k])
 
     @torch.no_grad()
     def state(self) -> list[torch.Tensor]:
