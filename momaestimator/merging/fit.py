@@ -345,6 +345,9 @@ def _refresh_theta(ctx):
     return ctx.theta
 
 
+_GRAPH_WARMUP_STEPS = 2  # eager steps before the passes are captured (buffers and handles exist by then)
+
+
 class GraphedPass:
     """The encoder's forward and backward of one pass, captured as two CUDA graphs.
 
@@ -481,8 +484,8 @@ def train_step(ctx, batches, step):
     theta = _refresh_theta(ctx)
     if ctx.use_graphs and ctx.graphs is None and step > _GRAPH_WARMUP_STEPS:
         _capture_passes(ctx, batches)
-        ctx.use_graphs = ctx.graphs is not None
-    graphs = ctx.graphs if ctx.use_graphs else None
+        ctx.use_graphs = ctx.graphs is not None  # a failed capture is not retried
+    graphs = ctx.graphs
     q_all = q_leaf = None
     if ctx.rotations is not None:
         ctx.optimizer.zero_grad(set_to_none=True)
@@ -524,9 +527,6 @@ def train_step(ctx, batches, step):
     values = torch.stack(list(losses.values())).tolist()
     losses = dict(zip(losses, values))
     return sum(values), losses
-
-
-_GRAPH_WARMUP_STEPS = 2  # eager steps before the passes are captured (buffers and handles exist by then)
 
 
 @functools.cache
