@@ -122,7 +122,10 @@ class MOMAMerger(BaseEstimator):
         On a CUDA device, capture each pass's encoder forward and backward as CUDA graphs after
         two eager steps and replay them for the remaining steps (same computation, one launch per
         pass instead of one per kernel). An encoder that cannot be captured (one that synchronises
-        with the host) is fitted eagerly, with a warning. Ignored on other devices.
+        with the host) is fitted eagerly, with a warning. Ignored on other devices. Set it to False
+        when several fits share one GPU from threads of one process (a capture forbids other
+        threads' unsafe CUDA calls meanwhile) or near the device's memory limit (the graphs' memory
+        pool adds to the allocator's cache; see the scaling guide).
     device : str or torch.device, default="cpu"
         Where fitting and scoring run; the user's modules stay where they are.
     random_state : int, RandomState instance or None, default=None
