@@ -56,6 +56,12 @@ def _load_state(source, task):
     return as_state_dict(source, name=name)
 
 
+def _add_task_vector(tau, state, base_state) -> None:
+    """``τ += state − base_state`` entry by entry, in place (Task Arithmetic's sum, one expert at a time)."""
+    for k in tau:
+        tau[k] += state[k].to(base_state[k].device) - base_state[k]
+
+
 class MOMAMerger(BaseEstimator):
     """Merge fine-tuned encoders with MOMA: a learned global mask and per-task rotations, absorbed.
 
@@ -331,8 +337,7 @@ class MOMAMerger(BaseEstimator):
             if t in x_val:
                 targets_val[t] = teacher_targets(skeleton, state, head_specs[t], x_val[t], autocast_dtype=autocast)
             if tau is not None:
-                for k in tau:
-                    tau[k] += state[k] - theta0[k]
+                _add_task_vector(tau, state, theta0)
             del state
         if tau is None:
             tau = self._multitask_vector(pre_state, fts, device)
@@ -430,10 +435,7 @@ class MOMAMerger(BaseEstimator):
         if lazy and self.base == "task_arithmetic":  # stream checkpoints: one expert in memory at a time
             tau = {k: torch.zeros_like(v) for k, v in pre_state.items() if v.is_floating_point()}
             for t, s in fts.items():
-                state = _load_state(s, t)
-                for k in tau:
-                    tau[k] += state[k].to(pre_state[k].device) - pre_state[k]
-                del state
+                _add_task_vector(tau, _load_state(s, t), pre_state)
         elif lazy:  # TIES reads each checkpoint twice, one expert in memory at a time
             loaders = {t: functools.partial(_load_state, s, t) for t, s in fts.items()}
             tau = _ties_vector(pre_state, loaders, top_k=self.top_k, merge="sum")

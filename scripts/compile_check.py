@@ -47,13 +47,10 @@ def main(argv):
         run_compiled = functools.partial(one_pass, compiled)
         first = _timed(run_compiled, device, repeats=1)
         fast = _timed(run_compiled, device)
+        verdict = f"break-even after {first / (eager - fast):.0f} passes" if fast < eager else "slower"
         print(
             f"batch {batch:4d}: eager {eager * 1e3:8.1f} ms/pass | compiled: first call {first:6.1f} s, "
-            f"then {fast * 1e3:8.1f} ms/pass ({eager / fast:.2f}x); break-even after "
-            f"{first / max(eager - fast, 1e-9):.0f} passes"
-            if fast < eager
-            else f"batch {batch:4d}: eager {eager * 1e3:8.1f} ms/pass | compiled: first call {first:6.1f} s, "
-            f"then {fast * 1e3:8.1f} ms/pass ({eager / fast:.2f}x): slower",
+            f"then {fast * 1e3:8.1f} ms/pass ({eager / fast:.2f}x); {verdict}",
             flush=True,
         )
 
