@@ -432,14 +432,23 @@ def materialize_inputs(source, *, task: str, dtype=None, device=None) -> torch.T
     >>> materialize_inputs(np.zeros((3, 2), dtype=np.uint8), task="a").dtype
     torch.float32
     """
-    parts = [x for x, _ in iter_task_batches(source, task=task)]
-    if not parts:
-        raise ValueError(f"X[{task!r}] is empty: fit needs at least one unlabeled sample per task")
-    x = torch.cat(parts)
-    if len(x) == 0:
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        # the caller's own tensor (a view of the array), not a copy: fit data is only read
+        x = _to_tensor(source, what=f"X[{task!r}]")
+        parts = [x] if x.ndim and len(x) else []
+    else:
+        parts = [x for x, _ in iter_task_batches(source, task=task)]
+        x = torch.cat(parts) if parts else None
+    if not parts or len(x) == 0:
         raise ValueError(f"X[{task!r}] is empty: fit needs at least one unlabeled sample per task")
     if not x.is_floating_point():
         x = x.float()
-    if not torch.isfinite(x).all():
+    if not _all_finite(x):
         raise ValueError(f"X[{task!r}] contains NaN or infinite values")
     return x.to(device=device, dtype=dtype)
+
+
+def _all_finite(x: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """``torch.isfinite(x).all()`` over slices of about ``chunk`` entries: no mask the size of the data."""
+    rows = max(1, chunk // max(1, x[0].numel()))
+    return all(bool(torch.isfinite(x[i : i + rows]).all()) for i in range(0, len(x), rows))

@@ -78,6 +78,36 @@ def test_non_finite_inputs(models, unlabeled, bad):
     fit_raises(models, {**unlabeled, "task0": x}, ValueError, r"X\['task0'\] contains NaN or infinite")
 
 
+@pytest.mark.parametrize("source", ["tensor", "array", "list"])
+def test_non_finite_input_found_past_the_first_slice(source):
+    from momaestimator.data import materialize_inputs
+
+    x = torch.zeros(9, 4, 5)
+    x[-1, 3, 4] = np.nan  # the very last entry, in the last slice the check reads
+    src = {"tensor": x, "array": x.numpy(), "list": list(x)}[source]
+    with pytest.raises(ValueError, match=r"X\['a'\] contains NaN"):
+        materialize_inputs(src, task="a")
+    # the sliced check itself: slices of 2 samples, NaN only in the fifth slice
+    from momaestimator.data import _all_finite
+
+    assert not _all_finite(x, chunk=40)
+    assert _all_finite(x[:-1], chunk=40)
+
+
+def test_tensor_and_array_inputs_are_read_in_place_not_copied():
+    from momaestimator.data import materialize_inputs
+
+    x = torch.randn(6, 3)
+    assert materialize_inputs(x, task="a").data_ptr() == x.data_ptr()
+    a = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    assert materialize_inputs(a, task="a").data_ptr() == a.__array_interface__["data"][0]
+    # another dtype is converted (a copy), the original untouched
+    d = x.double()
+    out = materialize_inputs(d, task="a", dtype=torch.float32)
+    assert out.dtype == torch.float32 and d.dtype == torch.float64
+    assert torch.equal(out, x)
+
+
 @pytest.mark.parametrize(
     ("param", "value", "exc", "match"),
     [
