@@ -124,6 +124,12 @@ class MOMAMerger(BaseEstimator):
         ``k`` tasks per pass. Gradients accumulate over the passes of a step, so every choice
         takes the same step up to float rounding; several passes keep the activations of one
         pass only, at the price of one encoder-sized gradient buffer (see the scaling guide).
+    micro_batch_size : int or None, default=None
+        At most this many samples per forward/backward pass: each pass's batches are cut into
+        micro-batches whose gradients accumulate (each weighted by its share of its task's batch,
+        so the step stays the same up to float rounding). Bounds the activation memory by that of
+        ``micro_batch_size`` samples whatever ``batch_size`` and ``task_batching`` are; smaller
+        passes run less efficiently, most of all on a GPU. ``None`` cuts nothing.
     cuda_graphs : bool, default=True
         On a CUDA device, capture each pass's encoder forward and backward as CUDA graphs after
         two eager steps and replay them for the remaining steps (same computation, one launch per
@@ -191,6 +197,7 @@ class MOMAMerger(BaseEstimator):
         rotation_map="exp",
         precision=None,
         task_batching="sequential",
+        micro_batch_size=None,
         cuda_graphs=True,
         device="cpu",
         random_state=None,
@@ -215,6 +222,7 @@ class MOMAMerger(BaseEstimator):
         self.rotation_map = rotation_map
         self.precision = precision
         self.task_batching = task_batching
+        self.micro_batch_size = micro_batch_size
         self.cuda_graphs = cuda_graphs
         self.device = device
         self.random_state = random_state
@@ -251,6 +259,8 @@ class MOMAMerger(BaseEstimator):
         V.check_choice(self.rotation_map, "rotation_map", ("exp", "cayley"))
         V.check_choice(self.precision, "precision", list(V.PRECISIONS))
         V.check_task_batching(self.task_batching)
+        if self.micro_batch_size is not None:
+            V.check_number(self.micro_batch_size, "micro_batch_size (None or a positive int)", low=1, integer=True)
         for flag in ("learn_mask", "learn_rotations", "cuda_graphs"):
             if not isinstance(getattr(self, flag), (bool, np.bool_)):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -356,6 +366,7 @@ class MOMAMerger(BaseEstimator):
             rotation_map=self.rotation_map,
             autocast_dtype=autocast,
             task_batching=self.task_batching,
+            micro_batch_size=None if self.micro_batch_size is None else int(self.micro_batch_size),
             cuda_graphs=self.cuda_graphs,
             verbose=self.verbose,
         )

@@ -25,6 +25,7 @@ def test_scale_script_prints_every_row_and_the_target_summary(tmp_path, capsys):
         assert r["encoder_params"] > 20_000_000  # a real ViT-S/32 tower
         assert r["seconds_per_step"] > 0 and r["floor_seconds"] > 0
         assert r["step_over_floor"] == r["seconds_per_step"] / r["floor_seconds"]
+        assert 0 < r["floor_min_seconds"] <= r["floor_seconds"]  # the median of the repeats, not the fastest
         assert r["peak_over_param_bytes"] * 4 * r["encoder_params"] == pytest.approx(r["peak_extra_mb"] * 2**20)
         assert r["memory"] == "RSS"
         assert r["step_over_pass_floor"] == r["seconds_per_step"] / r["pass_floor_seconds"]
@@ -32,6 +33,7 @@ def test_scale_script_prints_every_row_and_the_target_summary(tmp_path, capsys):
         # one pass: the same floor; two passes of one sample each: a separate measurement
         assert (r["pass_floor_seconds"] == r["floor_seconds"]) == one_pass
     assert "moma[sequential]: peak(T=2) / peak(T=1) = " in text
+    assert "x the fastest floor repeat)" in text
     assert text.count("× floor") == 4 and text.count("× same passes") == 4
 
 
@@ -40,3 +42,16 @@ def test_scale_script_reports_a_failing_row_instead_of_stopping(capsys):
     argv += ["--methods", "moma", "--task-batching", "0", "--in-process"]
     assert scale.main(argv) == 0
     assert "ERROR" in capsys.readouterr().out
+
+
+def test_scale_script_micro_batch_rows_are_labelled_and_floored_on_their_own_passes(tmp_path, capsys):
+    out = tmp_path / "scale.json"
+    argv = ["--model", "ViT-S-32", "--tasks", "1", "--n-steps", "2", "--batch-size", "2", "--methods", "moma"]
+    argv += ["--task-batching", "joint", "--micro-batch-size", "1", "--in-process", "--out", str(out)]
+    assert scale.main(argv) == 0
+    (row,) = json.loads(out.read_text())
+    assert "error" not in row, row
+    assert row["method"] == "moma[joint,mb1]"
+    # one task's 2 samples in passes of 1: the "same passes" floor is a separate, two-pass measurement
+    assert row["pass_floor_seconds"] != row["floor_seconds"]
+    assert "moma[joint,mb1]" in capsys.readouterr().out

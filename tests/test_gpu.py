@@ -127,14 +127,18 @@ def test_mask_threshold_and_merge_on_cuda_equal_cpu():
     assert all(torch.equal(b_cpu[k], b_gpu[k].cpu()) for k in tau)
 
 
-@pytest.mark.parametrize("batching", ["sequential", "joint"])
-def test_cuda_graph_replay_takes_the_eager_steps(problem, unlabeled, batching):
+@pytest.mark.parametrize(
+    ("batching", "micro"),
+    [("sequential", None), ("joint", None), ("joint", 7)],  # 7: passes spanning tasks, two pass shapes
+)
+def test_cuda_graph_replay_takes_the_eager_steps(problem, unlabeled, batching, micro):
     pre, experts, heads, _ = problem
     kw = dict(
         n_steps=8, sparsity=0.2, rotation_lr=0.01, validation_fraction=0.25, eval_every=3, random_state=0, device="cuda"
     )
-    eager = MOMAMerger(pre, experts, heads, task_batching=batching, cuda_graphs=False, **kw).fit(unlabeled)
-    graphed = MOMAMerger(pre, experts, heads, task_batching=batching, **kw).fit(unlabeled)
+    kw.update(task_batching=batching, micro_batch_size=micro)
+    eager = MOMAMerger(pre, experts, heads, cuda_graphs=False, **kw).fit(unlabeled)
+    graphed = MOMAMerger(pre, experts, heads, **kw).fit(unlabeled)
     # two eager warm-up steps, then every step replays the captured passes
     assert [h["graphed"] for h in graphed.history_] == [False, False] + [True] * 6
     assert not any(h["graphed"] for h in eager.history_)

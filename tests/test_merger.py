@@ -269,12 +269,21 @@ def test_finetuned_encoders_as_checkpoint_paths_give_the_same_fit(problem, unlab
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-@pytest.mark.parametrize("batching", ["sequential", 2])
-def test_task_batching_takes_the_same_steps_as_joint(problem, unlabeled, batching):
+@pytest.mark.parametrize(
+    ("batching", "micro"),
+    [
+        ("sequential", None),
+        (2, None),
+        ("sequential", 5),  # each task's 16 samples in passes of 5, 5, 5 and 1
+        ("joint", 7),  # passes of 7 samples that span two tasks
+        ("joint", 16),  # one pass per task, cut from the joint batch
+    ],
+)
+def test_task_batching_takes_the_same_steps_as_joint(problem, unlabeled, batching, micro):
     pre, experts, heads, _ = problem
     kw = dict(n_steps=8, sparsity=0.2, rotation_lr=0.01, validation_fraction=0.0, random_state=0)
     joint = MOMAMerger(pre, experts, heads, task_batching="joint", **kw).fit(unlabeled)
-    other = MOMAMerger(pre, experts, heads, task_batching=batching, **kw).fit(unlabeled)
+    other = MOMAMerger(pre, experts, heads, task_batching=batching, micro_batch_size=micro, **kw).fit(unlabeled)
     for a, b in zip(joint.history_, other.history_):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
         assert a["per_task_loss"] == pytest.approx(b["per_task_loss"], rel=1e-4)
@@ -283,7 +292,7 @@ def test_task_batching_takes_the_same_steps_as_joint(problem, unlabeled, batchin
     agree = sum(int((joint.mask_[k] == other.mask_[k]).sum()) for k in joint.mask_)
     assert agree / sum(m.numel() for m in joint.mask_.values()) > 0.999
     # the mask moved away from its magnitude-pruning start, so the steps compared above did something
-    start = MOMAMerger(pre, experts, heads, task_batching=batching, **{**kw, "n_steps": 0}).fit(unlabeled)
+    start = MOMAMerger(pre, experts, heads, **{**kw, "n_steps": 0}).fit(unlabeled)
     changed = sum(int((start.mask_[k] != other.mask_[k]).sum()) for k in other.mask_)
     assert changed > 0
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from momaestimator.merging import multitask_vector, task_arithmetic, task_vector, ties_merging, weight_averaging
 
@@ -147,3 +149,31 @@ def test_task_arithmetic_equals_sum_of_task_vectors_on_toy_encoders(problem):
     for k, v in pre.state_dict().items():
         expected = v + 0.3 * sum(m.state_dict()[k] - v for m in experts.values())
         assert torch.allclose(out[k], expected, atol=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 20), min_size=1, max_size=6),
+    batching=st.one_of(st.sampled_from(["joint", "sequential"]), st.integers(1, 7)),
+    micro=st.one_of(st.none(), st.integers(1, 25)),
+)
+def test_pass_plan_covers_every_sample_once_within_its_task_group(sizes, batching, micro):
+    from momaestimator.merging.fit import pass_plan, task_groups
+
+    plan = pass_plan(sizes, batching, micro)
+    group_of = {i: g for g, group in enumerate(task_groups(list(range(len(sizes))), batching)) for i in group}
+    seen = {i: [] for i in range(len(sizes))}
+    for segments in plan:
+        assert segments, "empty pass"
+        assert micro is None or sum(hi - lo for _, lo, hi in segments) <= micro
+        assert len({group_of[i] for i, _, _ in segments}) == 1  # a pass never mixes task groups
+        for i, lo, hi in segments:
+            assert 0 <= lo < hi <= sizes[i]
+            seen[i].extend(range(lo, hi))
+    assert all(seen[i] == list(range(sizes[i])) for i in seen)  # each sample once, in order
+    if micro is None:
+        assert len(plan) == len(set(group_of.values()))
+    else:  # as few passes as the cut allows: all but each group's last are full
+        for g in set(group_of.values()):
+            mine = [sum(hi - lo for _, lo, hi in p) for p in plan if group_of[p[0][0]] == g]
+            assert all(n == micro for n in mine[:-1])

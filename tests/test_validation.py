@@ -125,6 +125,9 @@ def test_tensor_and_array_inputs_are_read_in_place_not_copied():
         ("device", "tpu", ValueError, "device"),
         ("precision", "int8", ValueError, "unknown precision"),
         ("cuda_graphs", "yes", TypeError, "cuda_graphs must be True or False"),
+        ("micro_batch_size", 0, ValueError, r"micro_batch_size \(None or a positive int\) must be in \[1"),
+        ("micro_batch_size", 2.0, TypeError, "micro_batch_size .* must be an int"),
+        ("micro_batch_size", True, TypeError, "micro_batch_size .* must be an int"),
     ],
 )
 def test_out_of_range_parameters(models, unlabeled, param, value, exc, match):

@@ -4,12 +4,13 @@ Run ``python -m momaestimator.bench.scale`` (``--help`` for options). For T = 2,
 prints, per method: seconds per optimisation step, the peak memory ``fit`` adds beyond the user's
 models (CPU: resident set size; GPU: allocator peak), that peak as a multiple of one encoder's
 parameter bytes, the ratio peak(T=max)/peak(T=min), and the ratio of a step to one plain
-forward + backward of the encoder on the same samples (the floor, timed in the same process right
-after each fit) and to plain forward + backward passes split as the fit splits its step
-("same passes": one per task with ``task_batching="sequential"``), which isolates what the mask
-and the rotations themselves cost. On CPU each measurement runs in a fresh subprocess, so that one run's allocations
-do not hide the next one's (the resident set only grows); on CUDA they run in one process, with the
-allocator's peak reset for each. Weights are random: cost does not depend on training.
+forward + backward of the encoder on the same samples (the floor: the median of a few repeats, as
+the step is a median over steps, timed in the same process right after each fit) and to plain
+forward + backward passes split as the fit splits its step ("same passes": one per task with
+``task_batching="sequential"``), which isolates what the mask and the rotations themselves cost.
+On CPU each measurement runs in a fresh subprocess, so that one run's allocations do not hide the
+next one's (the resident set only grows); on CUDA they run in one process, with the allocator's
+peak reset for each. Weights are random: cost does not depend on training.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 
-__all__ = ["build_tower", "floor_seconds", "main", "measure"]
+__all__ = ["build_tower", "floor_seconds", "floor_times", "main", "measure"]
 
 
 def build_tower(model: str, seed: int = 0):
@@ -51,6 +52,7 @@ def measure(
     device: str,
     precision=None,
     task_batching="joint",
+    micro_batch_size=None,
     cuda_graphs=True,
 ) -> dict:
     """One measurement (on CPU run it in a fresh process): time ``fit`` and measure its peak memory."""
@@ -59,7 +61,7 @@ def measure(
     from ..baselines import AdaMerging
     from ..merger import MOMAMerger
     from ..merging import task_arithmetic
-    from ..merging.fit import task_groups
+    from ..merging.fit import pass_plan
     from .measure import PeakMemory
 
     pre, experts, heads, X = _problem(model, n_tasks, batch_size)
@@ -104,6 +106,7 @@ def measure(
                 validation_fraction=0.0,
                 precision=precision,
                 task_batching=task_batching,
+                micro_batch_size=micro_batch_size,
                 cuda_graphs=cuda_graphs,
                 device=device,
                 random_state=0,
@@ -118,14 +121,21 @@ def measure(
         out["seconds_per_step"] = statistics.median(b - a for a, b in zip(sec, sec[1:])) if len(sec) > 1 else sec[0]
         # the floor, paired: measured in the same process right after the fit, on the same samples
         x = torch.cat([X[t][:batch_size] for t in X]).to(device)
-        out["floor_seconds"] = floor_seconds(pre, x, repeats=max(3, n_steps), precision=precision)
+        # the median of the repeats, like the step (a median over steps): the same statistic on both
+        # sides of the ratio (the fastest repeat, also kept, would bias it up on a noisy machine)
+        times = floor_times(pre, x, repeats=max(3, n_steps), precision=precision)
+        out["floor_seconds"], out["floor_min_seconds"] = statistics.median(times), min(times)
         out["step_over_floor"] = out["seconds_per_step"] / out["floor_seconds"]
         # the same passes as the fit (one per task group): what MOMA's own work costs on top
-        passes = task_groups(list(X), task_batching) if method == "moma" else [list(range(len(X)))]
+        passes = (
+            pass_plan([batch_size] * len(X), task_batching, micro_batch_size)
+            if method == "moma"
+            else [[(i, 0, batch_size) for i in range(len(X))]]
+        )
         if len(passes) > 1:
-            sizes = [len(g) * batch_size for g in passes]
-            out["pass_floor_seconds"] = floor_seconds(
-                pre, x, repeats=max(3, n_steps), precision=precision, passes=sizes
+            sizes = [sum(hi - lo for _, lo, hi in p) for p in passes]
+            out["pass_floor_seconds"] = statistics.median(
+                floor_times(pre, x, repeats=max(3, n_steps), precision=precision, passes=sizes)
             )
         else:
             out["pass_floor_seconds"] = out["floor_seconds"]
@@ -134,7 +144,15 @@ def measure(
 
 
 def floor_seconds(encoder, x, *, repeats=3, precision=None, passes=None) -> float:
-    """Fastest of ``repeats`` plain forward + backward passes of ``encoder`` on the batch ``x``.
+    """Median of ``repeats`` plain forward + backward passes of ``encoder`` on the batch ``x``
+    (see :func:`floor_times`).
+    """
+    return statistics.median(floor_times(encoder, x, repeats=repeats, precision=precision, passes=passes))
+
+
+def floor_times(encoder, x, *, repeats=3, precision=None, passes=None) -> list[float]:
+    """Seconds of each of ``repeats`` plain forward + backward passes of ``encoder`` on the batch ``x``
+    (after one warm-up pass).
 
     ``passes`` (sample counts summing to ``len(x)``) splits the batch into that many forward +
     backward passes, their gradients accumulating, as a fit with several passes per step does.
@@ -154,7 +172,7 @@ def floor_seconds(encoder, x, *, repeats=3, precision=None, passes=None) -> floa
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return min(times[1:])
+    return times[1:]
 
 
 @functools.lru_cache(maxsize=1)
@@ -224,6 +242,12 @@ def main(argv=None) -> int:
         help="MOMAMerger task_batching values: joint, sequential or tasks per pass (default: sequential joint)",
     )
     p.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help="MOMAMerger micro_batch_size: most samples per forward/backward pass (default: no cut)",
+    )
+    p.add_argument(
         "--cuda-graphs",
         nargs="+",
         default=["on"],
@@ -254,7 +278,8 @@ def main(argv=None) -> int:
             for tb in args.task_batching:
                 tb = int(tb) if tb.isdigit() else tb
                 for mode in graph_modes:
-                    suffix = (f",{args.precision}" if args.precision else "") + (",eager" if mode == "off" else "")
+                    suffix = f",mb{args.micro_batch_size}" if args.micro_batch_size else ""
+                    suffix += (f",{args.precision}" if args.precision else "") + (",eager" if mode == "off" else "")
                     variants.append((f"moma[{tb}{suffix}]", "moma", tb, mode == "on"))
         else:
             variants.append((method, method, None, True))
@@ -271,6 +296,7 @@ def main(argv=None) -> int:
                     "device": args.device,
                     "precision": args.precision,
                     "task_batching": batching,
+                    "micro_batch_size": args.micro_batch_size if method == "moma" else None,
                     "cuda_graphs": graphs,
                 }
             )
@@ -293,7 +319,8 @@ def main(argv=None) -> int:
             if "step_over_floor" in hi:
                 line += f", {hi['step_over_floor']:.2f}x floor"
             if "step_over_pass_floor" in hi:
-                line += f" ({hi['step_over_pass_floor']:.2f}x the same passes)"
+                line += f" ({hi['step_over_pass_floor']:.2f}x the same passes"
+                line += f"; {hi['seconds_per_step'] / hi['floor_min_seconds']:.2f}x the fastest floor repeat)"
             print(line)
     if args.out:
         with open(args.out, "w") as f:

@@ -32,6 +32,7 @@ __all__ = [
     "ScoreAdam",
     "fit_moma",
     "moma_logits",
+    "pass_plan",
     "task_groups",
     "teacher_targets",
     "to_device",
@@ -70,6 +71,9 @@ class FitConfig:
         Autocast dtype of the encoder's forward pass.
     task_batching : {"joint", "sequential"} or int, default="sequential"
         Tasks per forward/backward pass (:func:`task_groups`); gradients accumulate over passes.
+    micro_batch_size : int or None, default=None
+        At most this many samples per forward/backward pass: the tasks' batches of a pass are
+        split (:func:`pass_plan`); ``None`` splits nothing.
     cuda_graphs : bool, default=True
         On a CUDA device, capture each pass's encoder forward and backward as CUDA graphs after
         the first steps and replay them (:class:`GraphedPass`); ignored on other devices.
@@ -95,6 +99,7 @@ class FitConfig:
     rotation_map: str = "exp"
     autocast_dtype: torch.dtype | None = None
     task_batching: str | int = "sequential"
+    micro_batch_size: int | None = None
     cuda_graphs: bool = True
     verbose: int = 0
 
@@ -335,6 +340,60 @@ def task_groups(tasks, task_batching) -> list[list[int]]:
     return [list(range(i, min(i + per_pass, n))) for i in range(0, n, per_pass)]
 
 
+def pass_plan(sizes, task_batching="sequential", micro_batch_size=None) -> list[list[tuple[int, int, int]]]:
+    """The forward/backward passes of one step: ``(task, start, stop)`` slices of the tasks' batches.
+
+    The tasks are grouped by :func:`task_groups`; with ``micro_batch_size`` each group's samples
+    (its tasks' batches, in order) are then cut into passes of at most that many samples, a pass
+    possibly spanning two tasks. Gradients accumulate over the passes, and each slice's loss is
+    weighted by its share of its task's batch, so the step is the same whatever the plan (the
+    objectives are means over samples) up to float rounding; only the activation memory (that of
+    the largest pass) and the speed differ.
+
+    Parameters
+    ----------
+    sizes : list of int
+        Samples per task per step, in task order.
+    task_batching : {"joint", "sequential"} or int, default="sequential"
+        Tasks per group (:func:`task_groups`).
+    micro_batch_size : int or None, default=None
+        Most samples per pass; ``None``: one pass per group.
+
+    Returns
+    -------
+    list of list of (int, int, int)
+        Per pass, the slices ``(task index, start, stop)`` of the tasks' batches it runs.
+
+    Examples
+    --------
+    >>> pass_plan([4, 4], "sequential")
+    [[(0, 0, 4)], [(1, 0, 4)]]
+    >>> pass_plan([4, 4], "sequential", micro_batch_size=3)
+    [[(0, 0, 3)], [(0, 3, 4)], [(1, 0, 3)], [(1, 3, 4)]]
+    >>> pass_plan([4, 4], "joint", micro_batch_size=3)
+    [[(0, 0, 3)], [(0, 3, 4), (1, 0, 2)], [(1, 2, 4)]]
+    """
+    plan = []
+    for group in task_groups(list(range(len(sizes))), task_batching):
+        if micro_batch_size is None:
+            plan.append([(i, 0, int(sizes[i])) for i in group])
+            continue
+        current, room = [], int(micro_batch_size)
+        for i in group:
+            lo = 0
+            while lo < sizes[i]:
+                hi = min(int(sizes[i]), lo + room)
+                current.append((i, lo, hi))
+                room -= hi - lo
+                lo = hi
+                if room == 0:
+                    plan.append(current)
+                    current, room = [], int(micro_batch_size)
+        if current:
+            plan.append(current)
+    return plan
+
+
 @torch.no_grad()
 def _refresh_theta(ctx):
     """The merged weights for the current scores, rewritten in place into the persistent leaves."""
@@ -443,9 +502,9 @@ def _capture_passes(ctx, batches) -> None:
     try:
         with torch.cuda.device(ctx.device):  # captures (and their pool) on the fit device, whichever is current
             pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=ctx.device)
-            for group in ctx.groups:
-                first = ctx.x_train[items[group[0]][0]]
-                shape = (sum(len(items[i][1]) for i in group), *first.shape[1:])
+            for segments in ctx.passes:
+                first = ctx.x_train[items[segments[0][0]][0]]
+                shape = (sum(hi - lo for _, lo, hi in segments), *first.shape[1:])
                 key = (shape, first.dtype)
                 if key not in buffers:
                     buffers[key] = torch.zeros(shape, dtype=first.dtype, device=ctx.device)
@@ -474,10 +533,10 @@ def _capture_passes(ctx, batches) -> None:
 def train_step(ctx, batches, step):
     """One optimisation step over a batch of every task; returns (total loss, {task: loss}).
 
-    The tasks are run in passes (:func:`task_groups`); the gradients of the merged weights
+    The tasks are run in passes (:func:`pass_plan`); the gradients of the merged weights
     accumulate over the passes and become score gradients once, after the last one (or inside its
     backward, tensor by tensor, when there is a single pass). The step is the same whatever the
-    grouping, up to float rounding; only the activation memory (one pass's batch) and the speed
+    plan, up to float rounding; only the activation memory (one pass's samples) and the speed
     differ. The rotations are computed once per step for all tasks (one batched map) and
     differentiated once, after the passes.
     """
@@ -493,33 +552,40 @@ def train_step(ctx, batches, step):
         q_leaf = q_all.detach().requires_grad_()  # the passes' gradients gather here
     items = list(batches.items())
     losses = {}  # task -> detached loss tensor: read once per step (one device sync, not one per pass)
-    for g, group in enumerate(ctx.groups):
-        xs = [ctx.x_train[items[i][0]] for i in group]
-        xs = to_device(torch.cat([x[items[i][1].to(x.device)] for i, x in zip(group, xs)]), ctx.device)
+    for p, segments in enumerate(ctx.passes):
+        parts = []
+        for i, lo, hi in segments:
+            x = ctx.x_train[items[i][0]]
+            parts.append(x[items[i][1][lo:hi].to(x.device)])
+        xs = to_device(parts[0] if len(parts) == 1 else torch.cat(parts), ctx.device)
         if graphs is not None:
-            z_all = graphs[g](xs)
+            z_all = graphs[p](xs)
         else:
             with _autocast(xs, ctx.cfg.autocast_dtype):
                 z_all = encode(ctx.skeleton, theta, xs)
             z_all = z_all.to(ctx.dtype)
-        group_losses, offset = {}, 0
-        for i in group:
+        pass_losses, offset = [], 0
+        for i, lo, hi in segments:
             task, idx = items[i]
-            z = z_all[offset : offset + len(idx)]
-            offset += len(idx)
-            idx = idx.to(ctx.device)
+            z = z_all[offset : offset + hi - lo]
+            offset += hi - lo
+            sel = idx[lo:hi].to(ctx.device)
             if q_leaf is not None:
                 z = z @ q_leaf[i].T
             t_logits, t_feats = ctx.targets_train[task]
-            group_losses[task] = ctx.loss_fn(_head_logits(ctx.heads[task], z), t_logits[idx], z, t_feats[idx])
-        if len(ctx.groups) == 1:  # its backward steps the mask scores (see fit_moma): check first
-            _check_finite(group_losses, step)
-        sum(group_losses.values()).backward()
-        losses.update({t: v.detach() for t, v in group_losses.items()})
-        del z_all, z, group_losses
-    if len(ctx.groups) > 1:
+            loss = ctx.loss_fn(_head_logits(ctx.heads[task], z), t_logits[sel], z, t_feats[sel])
+            if hi - lo != len(idx):  # a slice of the task's batch: its share of the batch mean
+                loss = loss * ((hi - lo) / len(idx))
+            pass_losses.append((task, loss))
+        if len(ctx.passes) == 1:  # its backward steps the mask scores (see fit_moma): check first
+            _check_finite(dict(pass_losses), step)
+        sum(loss for _, loss in pass_losses).backward()
+        for task, loss in pass_losses:
+            losses[task] = losses[task] + loss.detach() if task in losses else loss.detach()
+        del z_all, z, pass_losses, loss
+    if len(ctx.passes) > 1:
         _check_finite(losses, step)  # before any parameter moves
-    if ctx.mask is not None and len(ctx.groups) > 1:
+    if ctx.mask is not None and len(ctx.passes) > 1:
         _step_all_scores(ctx)
     if q_all is not None:
         q_all.backward(q_leaf.grad)
@@ -776,7 +842,8 @@ def fit_moma(
         else None
     )
     ctx.fixed_theta = None if ctx.mask is not None else merged_state(theta0, tau, None, cfg.scaling)
-    ctx.groups = task_groups(ctx.tasks, cfg.task_batching)
+    sizes = [min(cfg.batch_size, len(x_train[t])) for t in ctx.tasks]  # the same every step
+    ctx.passes = pass_plan(sizes, cfg.task_batching, cfg.micro_batch_size)
     # One set of merged weights for the whole fit, rewritten in place every step: leaves whose
     # gradients become score gradients (straight-through, see `score_gradient`).
     ctx.leaves, ctx.theta, ctx.threshold = {}, theta0, None
@@ -801,7 +868,7 @@ def fit_moma(
     hooks = []
     if ctx.mask is not None:
         ctx.score_optimizer = ScoreAdam(ctx.mask.scores, lr=cfg.lr)
-        if len(ctx.groups) == 1:
+        if len(ctx.passes) == 1:
             hooks = [
                 w.register_post_accumulate_grad_hook(_step_in_backward(ctx, i))
                 for i, w in enumerate(ctx.leaves.values())
