@@ -5,7 +5,7 @@ Base merges on state dicts (:func:`task_arithmetic`, :func:`ties_merging`,
 (:class:`GlobalMask`, :class:`Rotations`, objectives) and the fitting loop (:func:`fit_moma`).
 """
 
-from .fit import FitConfig, FitResult, ScoreAdam, fit_moma, moma_logits, task_groups, teacher_targets
+from .fit import FitConfig, FitResult, ScoreAdam, fit_moma, moma_logits, pass_plan, task_groups, teacher_targets
 from .functional import absorb_heads, clone_with_state, first_linear_weight, structure_copy
 from .mask import GlobalMask, masked_merge, score_gradient
 from .objectives import entropy, feature_alignment, kl_to_teacher
@@ -30,6 +30,7 @@ __all__ = [
     "masked_merge",
     "moma_logits",
     "multitask_vector",
+    "pass_plan",
     "rotation_angles",
     "score_gradient",
     "structure_copy",
