@@ -134,8 +134,8 @@ def measure(
         )
         if len(passes) > 1:
             sizes = [sum(hi - lo for _, lo, hi in p) for p in passes]
-            out["pass_floor_seconds"] = statistics.median(
-                floor_times(pre, x, repeats=max(3, n_steps), precision=precision, passes=sizes)
+            out["pass_floor_seconds"] = floor_seconds(
+                pre, x, repeats=max(3, n_steps), precision=precision, passes=sizes
             )
         else:
             out["pass_floor_seconds"] = out["floor_seconds"]
