@@ -366,7 +366,7 @@ class MOMAMerger(BaseEstimator):
             rotation_map=self.rotation_map,
             autocast_dtype=autocast,
             task_batching=self.task_batching,
-            micro_batch_size=None if self.micro_batch_size is None else int(self.micro_batch_size),
+            micro_batch_size=self.micro_batch_size,
             cuda_graphs=self.cuda_graphs,
             verbose=self.verbose,
         )

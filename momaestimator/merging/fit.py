@@ -373,22 +373,24 @@ def pass_plan(sizes, task_batching="sequential", micro_batch_size=None) -> list[
     >>> pass_plan([4, 4], "joint", micro_batch_size=3)
     [[(0, 0, 3)], [(0, 3, 4), (1, 0, 2)], [(1, 2, 4)]]
     """
+    sizes = [int(n) for n in sizes]
     plan = []
     for group in task_groups(list(range(len(sizes))), task_batching):
         if micro_batch_size is None:
-            plan.append([(i, 0, int(sizes[i])) for i in group])
+            plan.append([(i, 0, sizes[i]) for i in group])
             continue
-        current, room = [], int(micro_batch_size)
+        cap = int(micro_batch_size)
+        current, room = [], cap
         for i in group:
             lo = 0
             while lo < sizes[i]:
-                hi = min(int(sizes[i]), lo + room)
+                hi = min(sizes[i], lo + room)
                 current.append((i, lo, hi))
                 room -= hi - lo
                 lo = hi
                 if room == 0:
                     plan.append(current)
-                    current, room = [], int(micro_batch_size)
+                    current, room = [], cap
         if current:
             plan.append(current)
     return plan
