@@ -100,6 +100,7 @@ def make_problem(
     n_samples=24,
     image_size=8,
     output_dim=8,
+    layers=1,
     finetune_steps=15,
     noise=0.8,
     normalize=True,
@@ -119,6 +120,8 @@ def make_problem(
     image_size : int, default=8
     output_dim : int, default=8
         Feature dimension.
+    layers : int, default=1
+        Transformer blocks of the tower.
     finetune_steps : int, default=15
     noise : float, default=0.8
         Standard deviation of the pixel noise around each class prototype (higher: harder tasks).
@@ -141,7 +144,7 @@ def make_problem(
     (['task0', 'task1'], torch.Size([24, 3, 8, 8]))
     """
     gen = torch.Generator().manual_seed(random_state)
-    pre = make_tower(image_size=image_size, output_dim=output_dim, random_state=random_state)
+    pre = make_tower(image_size=image_size, output_dim=output_dim, layers=layers, random_state=random_state)
     experts, heads, data = {}, {}, {}
     for t in range(n_tasks):
         name = f"task{t}"

@@ -55,3 +55,16 @@ def test_scale_script_micro_batch_rows_are_labelled_and_floored_on_their_own_pas
     # one task's 2 samples in passes of 1: the "same passes" floor is a separate, two-pass measurement
     assert row["pass_floor_seconds"] != row["floor_seconds"]
     assert "moma[joint,mb1]" in capsys.readouterr().out
+
+
+def test_scale_script_measures_with_and_without_gradient_checkpointing(tmp_path):
+    out = tmp_path / "scale.json"
+    argv = ["--model", "ViT-S-32", "--tasks", "1", "--n-steps", "2", "--batch-size", "2", "--methods", "moma"]
+    argv += ["--task-batching", "joint", "--gradient-checkpointing", "off", "on", "--in-process", "--out", str(out)]
+    assert scale.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["gradient_checkpointing"]) for r in rows] == [
+        ("moma[joint]", False),
+        ("moma[joint,ckpt]", True),
+    ]
+    assert all("error" not in r and r["seconds_per_step"] > 0 for r in rows), rows

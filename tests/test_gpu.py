@@ -128,15 +128,21 @@ def test_mask_threshold_and_merge_on_cuda_equal_cpu():
 
 
 @pytest.mark.parametrize(
-    ("batching", "micro"),
-    [("sequential", None), ("joint", None), ("joint", 7)],  # 7: passes spanning tasks, two pass shapes
+    ("batching", "micro", "ckpt"),
+    [
+        ("sequential", None, False),
+        ("joint", None, False),
+        ("joint", 7, False),  # 7: passes spanning tasks, two pass shapes
+        ("sequential", None, True),  # the backward graph holds the blocks' recomputation
+        ("joint", None, True),  # ... and the score steps inside backward (one pass)
+    ],
 )
-def test_cuda_graph_replay_takes_the_eager_steps(problem, unlabeled, batching, micro):
+def test_cuda_graph_replay_takes_the_eager_steps(problem, unlabeled, batching, micro, ckpt):
     pre, experts, heads, _ = problem
     kw = dict(
         n_steps=8, sparsity=0.2, rotation_lr=0.01, validation_fraction=0.25, eval_every=3, random_state=0, device="cuda"
     )
-    kw.update(task_batching=batching, micro_batch_size=micro)
+    kw.update(task_batching=batching, micro_batch_size=micro, gradient_checkpointing=ckpt)
     eager = MOMAMerger(pre, experts, heads, cuda_graphs=False, **kw).fit(unlabeled)
     graphed = MOMAMerger(pre, experts, heads, **kw).fit(unlabeled)
     # two eager warm-up steps, then every step replays the captured passes

@@ -53,6 +53,7 @@ def measure(
     precision=None,
     task_batching="joint",
     micro_batch_size=None,
+    gradient_checkpointing=False,
     cuda_graphs=True,
 ) -> dict:
     """One measurement (on CPU run it in a fresh process): time ``fit`` and measure its peak memory."""
@@ -77,6 +78,7 @@ def measure(
         "batch_per_task": batch_size,
         "encoder_params": n_params,
         "device": device,
+        "gradient_checkpointing": bool(gradient_checkpointing) and method == "moma",
     }
 
     mem_device = "cpu" if method == "task_arithmetic" else device  # Task Arithmetic is CPU work
@@ -107,6 +109,7 @@ def measure(
                 precision=precision,
                 task_batching=task_batching,
                 micro_batch_size=micro_batch_size,
+                gradient_checkpointing=gradient_checkpointing,
                 cuda_graphs=cuda_graphs,
                 device=device,
                 random_state=0,
@@ -248,6 +251,14 @@ def main(argv=None) -> int:
         help="MOMAMerger micro_batch_size: most samples per forward/backward pass (default: no cut)",
     )
     p.add_argument(
+        "--gradient-checkpointing",
+        nargs="+",
+        default=["off"],
+        choices=["on", "off"],
+        help="MOMAMerger gradient_checkpointing values to measure (default: off); 'on' rows are labelled 'ckpt' "
+        "(the floors never checkpoint: the recomputation counts in the ratios)",
+    )
+    p.add_argument(
         "--cuda-graphs",
         nargs="+",
         default=["on"],
@@ -271,21 +282,23 @@ def main(argv=None) -> int:
         return 0
     run = _run_in_process if (args.in_process or args.device.startswith("cuda")) else _run_child
     rows = []
-    variants = []  # (label, method, task_batching, cuda_graphs)
+    variants = []  # (label, method, task_batching, cuda_graphs, gradient_checkpointing)
     graph_modes = args.cuda_graphs if args.device.startswith("cuda") else ["on"]
     for method in args.methods:
         if method == "moma":
             for tb in args.task_batching:
                 tb = int(tb) if tb.isdigit() else tb
-                for mode in graph_modes:
-                    suffix = f",mb{args.micro_batch_size}" if args.micro_batch_size else ""
-                    suffix += (f",{args.precision}" if args.precision else "") + (",eager" if mode == "off" else "")
-                    variants.append((f"moma[{tb}{suffix}]", "moma", tb, mode == "on"))
+                for ckpt in args.gradient_checkpointing:
+                    for mode in graph_modes:
+                        suffix = f",mb{args.micro_batch_size}" if args.micro_batch_size else ""
+                        suffix += ",ckpt" if ckpt == "on" else ""
+                        suffix += (f",{args.precision}" if args.precision else "") + (",eager" if mode == "off" else "")
+                        variants.append((f"moma[{tb}{suffix}]", "moma", tb, mode == "on", ckpt == "on"))
         else:
-            variants.append((method, method, None, True))
+            variants.append((method, method, None, True, False))
     plan = [(args.model, t) for t in args.tasks] + ([(args.large, min(args.tasks))] if args.large else [])
     for model, t in plan:
-        for label, method, batching, graphs in variants:
+        for label, method, batching, graphs, ckpt in variants:
             r = (_run_child if method == "task_arithmetic" else run)(
                 {
                     "model": model,
@@ -297,6 +310,7 @@ def main(argv=None) -> int:
                     "precision": args.precision,
                     "task_batching": batching,
                     "micro_batch_size": args.micro_batch_size if method == "moma" else None,
+                    "gradient_checkpointing": ckpt,
                     "cuda_graphs": graphs,
                 }
             )

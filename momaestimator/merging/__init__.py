@@ -5,6 +5,7 @@ Base merges on state dicts (:func:`task_arithmetic`, :func:`ties_merging`,
 (:class:`GlobalMask`, :class:`Rotations`, objectives) and the fitting loop (:func:`fit_moma`).
 """
 
+from .checkpointing import checkpoint_blocks, find_blocks
 from .fit import FitConfig, FitResult, ScoreAdam, fit_moma, moma_logits, pass_plan, task_groups, teacher_targets
 from .functional import absorb_heads, clone_with_state, first_linear_weight, structure_copy
 from .mask import GlobalMask, masked_merge, score_gradient
@@ -20,10 +21,12 @@ __all__ = [
     "Rotations",
     "ScoreAdam",
     "absorb_heads",
+    "checkpoint_blocks",
     "clone_with_state",
     "entropy",
     "expm",
     "feature_alignment",
+    "find_blocks",
     "first_linear_weight",
     "fit_moma",
     "kl_to_teacher",

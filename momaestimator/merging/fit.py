@@ -20,6 +20,7 @@ import torch
 from torch.func import functional_call
 from torch.optim.adam import adam as functional_adam
 
+from .checkpointing import checkpoint_blocks, find_blocks
 from .functional import encode
 from .mask import GlobalMask, masked_merge, score_gradient
 from .objectives import OBJECTIVES
@@ -74,6 +75,9 @@ class FitConfig:
     micro_batch_size : int or None, default=None
         At most this many samples per forward/backward pass: the tasks' batches of a pass are
         split (:func:`pass_plan`); ``None`` splits nothing.
+    gradient_checkpointing : bool, type or tuple of types, default=False
+        Recompute the encoder's blocks (:func:`.checkpointing.find_blocks`) in each pass's backward
+        instead of keeping their activations.
     cuda_graphs : bool, default=True
         On a CUDA device, capture each pass's encoder forward and backward as CUDA graphs after
         the first steps and replay them (:class:`GraphedPass`); ignored on other devices.
@@ -100,6 +104,7 @@ class FitConfig:
     autocast_dtype: torch.dtype | None = None
     task_batching: str | int = "sequential"
     micro_batch_size: int | None = None
+    gradient_checkpointing: bool | type | tuple = False
     cuda_graphs: bool = True
     verbose: int = 0
 
@@ -512,7 +517,7 @@ def _capture_passes(ctx, batches) -> None:
                     buffers[key] = torch.zeros(shape, dtype=first.dtype, device=ctx.device)
                 graphs.append(
                     GraphedPass(
-                        ctx.skeleton,
+                        ctx.pass_skeleton,
                         ctx.theta,
                         buffers[key],
                         ctx.dtype,
@@ -564,7 +569,7 @@ def train_step(ctx, batches, step):
             z_all = graphs[p](xs)
         else:
             with _autocast(xs, ctx.cfg.autocast_dtype):
-                z_all = encode(ctx.skeleton, theta, xs)
+                z_all = encode(ctx.pass_skeleton, theta, xs)
             z_all = z_all.to(ctx.dtype)
         pass_losses, offset = [], 0
         for i, lo, hi in segments:
@@ -846,6 +851,10 @@ def fit_moma(
     ctx.fixed_theta = None if ctx.mask is not None else merged_state(theta0, tau, None, cfg.scaling)
     sizes = [min(cfg.batch_size, len(x_train[t])) for t in ctx.tasks]  # the same every step
     ctx.passes = pass_plan(sizes, cfg.task_batching, cfg.micro_batch_size)
+    # the training passes' encoder: with checkpointing, its blocks recompute their activations in
+    # backward (teacher targets and evaluation run without gradients: the plain skeleton)
+    blocks = find_blocks(skeleton, cfg.gradient_checkpointing)
+    ctx.pass_skeleton = checkpoint_blocks(skeleton, blocks) if blocks else skeleton
     # One set of merged weights for the whole fit, rewritten in place every step: leaves whose
     # gradients become score gradients (straight-through, see `score_gradient`).
     ctx.leaves, ctx.theta, ctx.threshold = {}, theta0, None
