@@ -343,7 +343,7 @@ class MOMAMerger(BaseEstimator):
         """
         self._reset_fitted()
         device = self._check_params()
-        checkpointed = self._checkpointed_blocks()
+        checkpointing = self._checked_checkpointing()
         tasks, pre_state, fts, heads = self._check_models()
         dtype = next((v.dtype for v in pre_state.values() if v.is_floating_point()), torch.float32)
         x_all = self._check_fit_data(X, tasks, device, dtype)
@@ -389,7 +389,7 @@ class MOMAMerger(BaseEstimator):
             autocast_dtype=autocast,
             task_batching=self.task_batching,
             micro_batch_size=self.micro_batch_size,
-            gradient_checkpointing=checkpointed,
+            gradient_checkpointing=checkpointing,
             cuda_graphs=self.cuda_graphs,
             verbose=self.verbose,
         )
@@ -429,7 +429,7 @@ class MOMAMerger(BaseEstimator):
         self.interrupted_ = result.interrupted
         return self
 
-    def _checkpointed_blocks(self):
+    def _checked_checkpointing(self):
         """``gradient_checkpointing`` checked against the encoder (raises before any work)."""
         spec = self.gradient_checkpointing
         if isinstance(spec, np.bool_):

@@ -193,3 +193,19 @@ def test_save_keeps_an_importable_block_class_and_drops_a_local_one(tmp_path):
     merger.set_params(gradient_checkpointing=LocalBlock)
     merger.save(tmp_path / "local.joblib")
     assert MOMAMerger.load(tmp_path / "local.joblib", pre, experts, heads).gradient_checkpointing is False
+
+
+def test_an_encoder_with_its_own_checkpointing_switched_on_fits_the_same():
+    # open_clip's set_grad_checkpointing(True) (often left on by training scripts) recomputes in
+    # backward, after the functional call: on the weightless copy it used to fail on meta tensors
+    pre, experts, heads, data = toy.make_problem(n_tasks=2, layers=2, random_state=0)
+    X = {t: x for t, (x, _) in data.items()}
+    kw = dict(n_steps=4, sparsity=0.2, rotation_lr=0.01, validation_fraction=0.0, random_state=0)
+    plain = MOMAMerger(pre, experts, heads, **kw).fit(X)
+    for m in (pre, *experts.values()):
+        m.set_grad_checkpointing(True)
+    flagged = MOMAMerger(pre, experts, heads, **kw).fit(X)
+    assert [h["loss"] for h in flagged.history_] == pytest.approx([h["loss"] for h in plain.history_], rel=1e-6)
+    assert all(torch.equal(plain.mask_[k], flagged.mask_[k]) for k in plain.mask_)
+    assert pre.transformer.grad_checkpointing is True  # the user's flag is left as it was
+    assert structure_copy(pre).transformer.grad_checkpointing is False

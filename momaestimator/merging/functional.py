@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+_CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
+
 __all__ = ["absorb_heads", "clone_with_state", "encode", "first_linear_weight", "structure_copy"]
 
 
@@ -52,7 +54,10 @@ def structure_copy(module: nn.Module, device=None) -> nn.Module:
     Returns
     -------
     torch.nn.Module
-        Same class and structure, parameters and buffers on the ``meta`` device.
+        Same class and structure, parameters and buffers on the ``meta`` device. Activation
+        checkpointing flags of the modules (``grad_checkpointing``, ``gradient_checkpointing``)
+        are turned off in the copy: they would recompute after the functional call, without its
+        weights.
 
     Examples
     --------
@@ -63,6 +68,13 @@ def structure_copy(module: nn.Module, device=None) -> nn.Module:
     """
     skeleton = _copy_with(module, lambda name, t: torch.empty_like(t, device="meta"))
     skeleton.eval()
+    for mod in skeleton.modules():
+        # A module's own activation checkpointing (open_clip's and timm's `grad_checkpointing`,
+        # Hugging Face's `gradient_checkpointing`) would recompute in backward, after the functional
+        # call is over, on these placeholders; the fit has its own (`gradient_checkpointing`).
+        for flag in _CHECKPOINT_FLAGS:
+            if mod.__dict__.get(flag) is True:
+                setattr(mod, flag, False)
     if device is not None:
         for mod in skeleton.modules():
             for attr in mod._non_persistent_buffers_set:
