@@ -29,7 +29,7 @@ def module_fingerprint(module: torch.nn.Module):
     """Everything about a module that must not change: values, dtype, device, requires_grad, flags."""
     out = {"training": [m.training for m in module.modules()]}
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        h = hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        h = hashlib.sha256(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
         out[name] = (h, t.dtype, t.device, t.requires_grad, t.grad is None, tuple(t.shape))
     return out
 

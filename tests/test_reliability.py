@@ -181,3 +181,54 @@ def test_fuzzed_inputs_raise_only_value_or_type_errors_with_a_message(problem, f
         except (ValueError, TypeError) as exc:
             assert str(exc), f"{type(exc).__name__} without a message"
     assert fingerprint_all(pre, experts, heads) == before
+
+
+def _batchnorm_problem():
+    """A conv encoder with BatchNorm (float running statistics in its state dict), two experts."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+
+    def block(c_in, c_out):
+        return torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, 3, padding=1), torch.nn.BatchNorm2d(c_out))
+
+    pre = torch.nn.Sequential(
+        torch.nn.Sequential(block(3, 6), block(6, 6)), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    ).eval()
+    experts = {}
+    for t in ("a", "b"):
+        expert = __import__("copy").deepcopy(pre)
+        with torch.no_grad():
+            for v in expert.state_dict().values():
+                if v.is_floating_point():
+                    v.add_(torch.randn(v.shape, generator=gen).mul_(0.05))
+        experts[t] = expert
+    heads = {t: torch.nn.Linear(6, 3) for t in experts}
+    X = {t: torch.randn(20, 3, 6, 6, generator=gen) for t in experts}
+    return pre, experts, heads, X
+
+
+@pytest.mark.parametrize(("batching", "ckpt"), [("sequential", False), ("joint", False), ("sequential", True)])
+def test_an_encoder_with_batchnorm_statistics_fits(batching, ckpt):
+    # the running statistics are float state-dict entries: merged and masked like the weights, but
+    # batch_norm refuses a gradient for them (the fit used to fail there)
+    pre, experts, heads, X = _batchnorm_problem()
+    before = fingerprint_all(pre, experts, heads)
+    kw = dict(n_steps=4, sparsity=0.2, validation_fraction=0.0, random_state=0, batch_size=8)
+    merger = MOMAMerger(pre, experts, heads, task_batching=batching, gradient_checkpointing=ckpt, **kw).fit(X)
+    assert all(np.isfinite(h["loss"]) for h in merger.history_)
+    assert "0.0.1.running_mean" in merger.mask_  # the statistics are part of the merge
+    merged = merger.transform().encoder.state_dict()
+    pre_state = pre.state_dict()
+    for k in ("0.0.1.running_mean", "0.1.0.weight"):
+        tau = sum(e.state_dict()[k] - pre_state[k] for e in experts.values())
+        assert torch.allclose(merged[k], pre_state[k] + 0.3 * tau * merger.mask_[k], atol=1e-6)
+    assert fingerprint_all(pre, experts, heads) == before
+
+
+def test_adamerging_on_an_encoder_with_batchnorm_statistics_learns_its_coefficients():
+    from momaestimator.baselines import AdaMerging
+
+    pre, experts, heads, X = _batchnorm_problem()
+    ada = AdaMerging(pre, experts, heads, n_steps=3, lr=0.05, batch_size=8, random_state=0).fit(X)
+    assert not torch.allclose(ada.coefficients_, torch.full_like(ada.coefficients_, 0.3))
+    assert all(np.isfinite(h["loss"]) for h in ada.history_)

@@ -154,8 +154,9 @@ class AdaMerging(_DataMerger):
         opt = torch.optim.Adam([coef], lr=self.lr)
         gen = _generator(self.random_state)
         history, start = [], time.perf_counter()
+        weights = {name for name, _ in skeleton.named_parameters(remove_duplicate=False)}
         for step in range(1, self.n_steps + 1):
-            theta = self._merge(theta0, taus, coef, keys)
+            theta = self._merge(theta0, taus, coef, keys, weights)
             idx = _sample(x, self.batch_size, gen)
             z = encode(skeleton, theta, torch.cat([x[t][idx[t]] for t in tasks]))
             loss, offset = 0.0, 0
@@ -175,11 +176,14 @@ class AdaMerging(_DataMerger):
         self.history_, self.n_iter_, self.extra_params_ = history, self.n_steps, 0
         return self
 
-    def _merge(self, theta0, taus, coef, keys):
+    def _merge(self, theta0, taus, coef, keys, weights=None):
+        # entries outside `weights` (float buffers: BatchNorm's running statistics) are merged with
+        # the same coefficients but without a gradient, which batch_norm would refuse
         out = dict(theta0)
         for j, k in enumerate(keys):
             col = 0 if coef.shape[1] == 1 else j
-            out[k] = theta0[k] + torch.tensordot(coef[:, col].to(taus[k].dtype), taus[k], dims=1)
+            c = coef[:, col] if weights is None or k in weights else coef[:, col].detach()
+            out[k] = theta0[k] + torch.tensordot(c.to(taus[k].dtype), taus[k], dims=1)
         return out
 
     def transform(self, X=None):

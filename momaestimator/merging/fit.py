@@ -859,7 +859,10 @@ def fit_moma(
     # gradients become score gradients (straight-through, see `score_gradient`).
     ctx.leaves, ctx.theta, ctx.threshold = {}, theta0, None
     if ctx.mask is not None:
-        ctx.leaves = {k: torch.empty_like(tau[k]).requires_grad_() for k in ctx.mask.names}
+        # weights are differentiated; float buffers (BatchNorm's running statistics) are merged and
+        # masked too but take no gradient (batch_norm refuses one): their scores keep their start
+        weights = {name for name, _ in skeleton.named_parameters(remove_duplicate=False)}
+        ctx.leaves = {k: torch.empty_like(tau[k]).requires_grad_(k in weights) for k in ctx.mask.names}
         ctx.theta = {**theta0, **ctx.leaves}
         ctx.threshold = ctx.mask.threshold().clone()
     elif ctx.fixed_theta is not None:
@@ -883,6 +886,7 @@ def fit_moma(
             hooks = [
                 w.register_post_accumulate_grad_hook(_step_in_backward(ctx, i))
                 for i, w in enumerate(ctx.leaves.values())
+                if w.requires_grad
             ]
     ctx.learns = ctx.mask is not None or ctx.rotations is not None
     ctx.trim_heap = device.type == "cpu"
