@@ -450,6 +450,11 @@ class MOMAMerger(BaseEstimator):
         except RuntimeError as exc:
             shape = tuple(x.shape[1:])
             raise ValueError(f"the encoder cannot take inputs of shape {shape} per sample ({exc})") from exc
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(
+                f"the encoder must return a tensor of features (batch, features), got {type(z).__name__}; "
+                "wrap it in a module whose forward returns the features tensor (e.g. the pooled output)"
+            )
         if z.ndim != 2:
             raise ValueError(f"the encoder must return (batch, features), got shape {tuple(z.shape)}")
         return int(z.shape[1])

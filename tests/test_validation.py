@@ -177,3 +177,29 @@ def test_score_before_fit_raises_not_fitted(models, problem):
 
     with pytest.raises(NotFittedError):
         MOMAMerger(*models).score(problem[3])
+
+
+class _Returns(nn.Module):
+    """An encoder whose forward returns ``wrap(features)``: a dict, or a 3-D tensor."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.wrap = wrap
+
+    def forward(self, x):
+        return self.wrap(self.lin(x))
+
+
+@pytest.mark.parametrize(
+    ("wrap", "error", "match"),
+    [
+        (lambda z: {"pooled": z}, TypeError, "must return a tensor of features .* got dict; wrap it"),
+        (lambda z: z[:, None, :], ValueError, r"must return \(batch, features\), got shape \(1, 1, 3\)"),
+    ],
+)
+def test_encoder_that_does_not_return_a_features_matrix(wrap, error, match):
+    pre, experts = _Returns(wrap), {t: _Returns(wrap) for t in ("a", "b")}
+    heads = {t: LinearHead(torch.randn(2, 3)) for t in experts}
+    with pytest.raises(error, match=match):
+        MOMAMerger(pre, experts, heads, n_steps=1).fit({t: torch.randn(6, 4) for t in experts})
