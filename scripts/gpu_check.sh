@@ -4,7 +4,7 @@
 #      device, task batchings, mixed precision),
 #   2. the scale benchmark on CUDA: ViT-B/32 T=2/4/8 (MOMA sequential and joint, each with CUDA graphs
 #      and eager (GRAPHS="on off"), AdaMerging), ViT-L/14 T=2, and ViT-B/32 T=8 with bf16 autocast,
-#   2b. ViT-B/32 T=2/4/8 with gradient checkpointing (joint, 4 tasks per pass, sequential; graphs on),
+#   2b. ViT-B/32 T=2/4/8 with gradient checkpointing (2 and 4 tasks per pass, sequential; graphs on),
 #   3. optionally (BASELINE=dir holding another checkout's momaestimator/ package): the ViT-B/32 T=8
 #      MOMA rows of that code on the same GPU, for a before/after comparison,
 #   4. torch.compile of the encoder pass: compile seconds and pass seconds against eager (measured
@@ -35,7 +35,7 @@ GRAPHS=${GRAPHS:-on off}
 part gpu_tests "${TESTS_S:-90}" $PY -m pytest -q -ra -p no:cacheprovider -o addopts="" tests/test_gpu.py
 part scale_cuda_b32 "${B32_S:-220}" $SCALE --tasks 2 4 8 --methods moma adamerging_layerwise \
   --task-batching sequential joint --cuda-graphs $GRAPHS --out "$OUT/scale_cuda_b32.json"
-part scale_cuda_ckpt "${CKPT_S:-100}" $SCALE --tasks 2 4 8 --methods moma --task-batching joint 4 sequential \
+part scale_cuda_ckpt "${CKPT_S:-100}" $SCALE --tasks 2 4 8 --methods moma --task-batching 2 4 sequential \
   --gradient-checkpointing on --out "$OUT/scale_cuda_ckpt.json"
 if [ -n "${BASELINE:-}" ]; then
   PYTHONPATH=$BASELINE:$PYTHONPATH part scale_cuda_b32_baseline "${BASE_S:-60}" $SCALE --tasks 8 --methods moma \
