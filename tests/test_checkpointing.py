@@ -146,10 +146,9 @@ def test_fit_with_checkpointing_takes_the_same_steps(batching, micro, precision)
 
 
 class _Flat(nn.Module):
-    def __init__(self, inner):
+    def __init__(self):
         super().__init__()
         self.body = nn.Linear(12, 6)
-        self.inner = inner
 
     def forward(self, x):
         return self.body(x.flatten(1))
@@ -173,7 +172,7 @@ def test_estimator_rejects_bad_checkpointing_before_any_work():
     with pytest.raises(ValueError, match=r"gradient_checkpointing=<class 'torch.nn.modules.conv.Conv3d'>"):
         MOMAMerger(pre, lazy, heads, gradient_checkpointing=nn.Conv3d).fit(X)
     assert calls == []  # no expert was read
-    flat = _Flat(nn.Identity())
+    flat = _Flat()
     with pytest.raises(ValueError, match=r"the encoder \(_Flat\) has no repeated blocks"):
         MOMAMerger(flat, {t: copy.deepcopy(flat) for t in experts}, heads, gradient_checkpointing=True).fit(X)
 

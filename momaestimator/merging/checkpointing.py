@@ -32,30 +32,30 @@ def _has_state(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
+def _within(name: str, chosen) -> bool:
+    """Whether module ``name`` is one of ``chosen`` or inside one of them."""
+    return any(name == c or name.startswith(c + ".") for c in chosen)
+
+
 def _repeated_blocks(module: nn.Module) -> list[str]:
     """The children of every ``ModuleList``/``Sequential`` whose children are all of one class and
     hold tensors (outermost only: nothing inside a block already chosen).
     """
-    names, chosen = [], []
+    names = []
     for name, mod in module.named_modules():
-        if name in chosen or any(name.startswith(c + ".") for c in chosen):
-            continue
-        if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
+        if _within(name, names) or not isinstance(mod, (nn.ModuleList, nn.Sequential)):
             continue
         children = list(mod.named_children())
         if not children or len({type(c) for _, c in children}) != 1 or not all(_has_state(c) for _, c in children):
             continue
-        for child, _ in children:
-            qualified = f"{name}.{child}" if name else child
-            names.append(qualified)
-            chosen.append(qualified)
+        names += [f"{name}.{child}" if name else child for child, _ in children]
     return names
 
 
 def _blocks_of_types(module: nn.Module, types: tuple) -> list[str]:
     names = []
     for name, mod in module.named_modules():
-        if name and isinstance(mod, types) and not any(name.startswith(n + ".") for n in names):
+        if name and isinstance(mod, types) and not _within(name, names):
             names.append(name)
     return names
 
