@@ -21,8 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 from . import _validation as V
 from ._io import atomic_write
 from .data import materialize_inputs, split_inputs_and_labels
-from .merging.checkpointing import find_blocks
-from .merging.fit import FitConfig, HeadSpec, fit_moma, merged_state, teacher_targets
+from .merging.fit import FitConfig, HeadSpec, fit_moma, merged_state, recomputed_blocks, teacher_targets
 from .merging.functional import absorb_heads, clone_with_state, encode, structure_copy
 from .merging.task_arithmetic import _ties_vector, multitask_vector
 from .merging.task_vectors import as_state_dict
@@ -149,6 +148,16 @@ class MOMAMerger(BaseEstimator):
         ``transformer.resblocks``; a class or tuple of classes names the blocks. It lets larger
         passes (``task_batching``, ``micro_batch_size``) or larger encoders fit; see the scaling
         guide. The user's encoder is not modified (the fit patches its own weightless copy).
+    recompute_merged_weights : bool, default=False
+        Do not keep a merged copy of the encoder for the whole fit: each block (those of
+        ``gradient_checkpointing``, else the repeated blocks) computes its merged weights
+        ``θ_0 + λ (m ⊙ τ)`` from the mask scores as it runs, and again in the backward pass where
+        they are needed (the same bits); their gradient goes straight to the scores' gradient
+        buffer. One encoder's bytes less at its peak for a little more arithmetic over the weights
+        (two merges per pass instead of one per step); the same step. The encoder must use each
+        block's weights only inside that block's forward (true of open_clip, timm and torchvision
+        models); a use outside fails loudly (the weights are placeholders there). Ignored when
+        ``learn_mask=False``. See the scaling guide.
     cuda_graphs : bool, default=True
         On a CUDA device, capture each pass's encoder forward and backward as CUDA graphs after
         two eager steps and replay them for the remaining steps (same computation, one launch per
@@ -218,6 +227,7 @@ class MOMAMerger(BaseEstimator):
         task_batching="sequential",
         micro_batch_size=None,
         gradient_checkpointing=False,
+        recompute_merged_weights=False,
         cuda_graphs=True,
         device="cpu",
         random_state=None,
@@ -244,6 +254,7 @@ class MOMAMerger(BaseEstimator):
         self.task_batching = task_batching
         self.micro_batch_size = micro_batch_size
         self.gradient_checkpointing = gradient_checkpointing
+        self.recompute_merged_weights = recompute_merged_weights
         self.cuda_graphs = cuda_graphs
         self.device = device
         self.random_state = random_state
@@ -282,7 +293,7 @@ class MOMAMerger(BaseEstimator):
         V.check_task_batching(self.task_batching)
         if self.micro_batch_size is not None:
             V.check_number(self.micro_batch_size, "micro_batch_size (None or a positive int)", low=1, integer=True)
-        for flag in ("learn_mask", "learn_rotations", "cuda_graphs"):
+        for flag in ("learn_mask", "learn_rotations", "recompute_merged_weights", "cuda_graphs"):
             if not isinstance(getattr(self, flag), (bool, np.bool_)):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         V.check_number(self.verbose, "verbose", low=0, integer=True)
@@ -390,6 +401,7 @@ class MOMAMerger(BaseEstimator):
             task_batching=self.task_batching,
             micro_batch_size=self.micro_batch_size,
             gradient_checkpointing=checkpointing,
+            recompute_merged_weights=bool(self.recompute_merged_weights),
             cuda_graphs=self.cuda_graphs,
             verbose=self.verbose,
         )
@@ -435,7 +447,8 @@ class MOMAMerger(BaseEstimator):
         if isinstance(spec, np.bool_):
             spec = bool(spec)
         if isinstance(self.pretrained_encoder, torch.nn.Module):  # else _check_models says what it is
-            find_blocks(self.pretrained_encoder, spec)  # TypeError / ValueError naming the problem
+            # TypeError / ValueError naming the problem
+            recomputed_blocks(self.pretrained_encoder, spec, bool(self.recompute_merged_weights))
         return spec
 
     def _reset_fitted(self):

@@ -5,12 +5,14 @@
 #   2. the scale benchmark on CUDA: ViT-B/32 T=2/4/8 (MOMA sequential and joint, each with CUDA graphs
 #      and eager (GRAPHS="on off"), AdaMerging), ViT-L/14 T=2, and ViT-B/32 T=8 with bf16 autocast,
 #   2b. ViT-B/32 T=2/4/8 with gradient checkpointing (2 and 4 tasks per pass, sequential; graphs on),
+#   2c. ViT-B/32 T=2/8 with the merged weights made inside the blocks (recompute_merged_weights;
+#       sequential and 2 tasks per pass, no checkpointing; graphs on),
 #   3. optionally (BASELINE=dir holding another checkout's momaestimator/ package): the ViT-B/32 T=8
 #      MOMA rows of that code on the same GPU, for a before/after comparison,
 #   4. torch.compile of the encoder pass: compile seconds and pass seconds against eager (measured
 #      once, see the scaling guide; skipped unless COMPILE_S is set).
 # Extra wheels (open_clip_torch, ftfy, wcwidth) may be put in .whl/ when the machine has no index.
-# Results go to ${OUT:-gpu-out}/. Each part has its own time limit (seconds): TESTS_S, B32_S, CKPT_S, BASE_S,
+# Results go to ${OUT:-gpu-out}/. Each part has its own time limit (seconds): TESTS_S, B32_S, CKPT_S, REMERGE_S, BASE_S,
 # L14_S, BF16_S, COMPILE_S; a part whose limit is 0 is skipped.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -32,11 +34,13 @@ part() {  # part NAME LIMIT_S COMMAND...: run unless its limit is 0
 }
 SCALE="$PY -m momaestimator.bench.scale --device cuda --batch-size ${BATCH:-16} --n-steps ${STEPS:-6}"
 GRAPHS=${GRAPHS:-on off}
-part gpu_tests "${TESTS_S:-90}" $PY -m pytest -q -ra -p no:cacheprovider -o addopts="" tests/test_gpu.py
+part gpu_tests "${TESTS_S:-120}" $PY -m pytest -q -ra -p no:cacheprovider -o addopts="" tests/test_gpu.py
 part scale_cuda_b32 "${B32_S:-220}" $SCALE --tasks 2 4 8 --methods moma adamerging_layerwise \
   --task-batching sequential joint --cuda-graphs $GRAPHS --out "$OUT/scale_cuda_b32.json"
 part scale_cuda_ckpt "${CKPT_S:-100}" $SCALE --tasks 2 4 8 --methods moma --task-batching 2 4 sequential \
   --gradient-checkpointing on --out "$OUT/scale_cuda_ckpt.json"
+part scale_cuda_remerge "${REMERGE_S:-80}" $SCALE --tasks 2 8 --methods moma --task-batching sequential 2 \
+  --recompute-merged-weights on --out "$OUT/scale_cuda_remerge.json"
 if [ -n "${BASELINE:-}" ]; then
   PYTHONPATH=$BASELINE:$PYTHONPATH part scale_cuda_b32_baseline "${BASE_S:-60}" $SCALE --tasks 8 --methods moma \
     --task-batching sequential joint --out "$OUT/scale_cuda_b32_baseline.json"

@@ -68,3 +68,19 @@ def test_scale_script_measures_with_and_without_gradient_checkpointing(tmp_path)
         ("moma[joint,ckpt]", True),
     ]
     assert all("error" not in r and r["seconds_per_step"] > 0 for r in rows), rows
+
+
+def test_scale_script_measures_merged_weights_kept_and_recomputed(tmp_path):
+    out = tmp_path / "scale.json"
+    argv = ["--model", "ViT-S-32", "--tasks", "2", "--n-steps", "2", "--batch-size", "2", "--methods", "moma"]
+    argv += ["--task-batching", "sequential", "--gradient-checkpointing", "off", "on"]
+    argv += ["--recompute-merged-weights", "off", "on", "--in-process", "--out", str(out)]
+    assert scale.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["gradient_checkpointing"], r["recompute_merged_weights"]) for r in rows] == [
+        ("moma[sequential]", False, False),
+        ("moma[sequential,remerge]", False, True),
+        ("moma[sequential,ckpt]", True, False),
+        ("moma[sequential,ckpt,remerge]", True, True),
+    ]
+    assert all("error" not in r and r["seconds_per_step"] > 0 for r in rows), rows

@@ -128,23 +128,25 @@ def test_mask_threshold_and_merge_on_cuda_equal_cpu():
 
 
 @pytest.mark.parametrize(
-    ("batching", "micro", "ckpt"),
+    ("batching", "micro", "ckpt", "remerge"),
     [
-        ("sequential", None, False),
-        ("joint", None, False),
-        ("joint", 7, False),  # 7: passes spanning tasks, two pass shapes
-        ("sequential", None, True),  # the backward graph holds the blocks' recomputation
-        ("joint", None, True),  # ... and the score steps inside backward (one pass)
+        ("sequential", None, False, False),
+        ("joint", None, False, False),
+        ("joint", 7, False, False),  # 7: passes spanning tasks, two pass shapes
+        ("sequential", None, True, False),  # the backward graph holds the blocks' recomputation
+        ("joint", None, True, False),  # ... and the score steps inside backward (one pass)
+        ("sequential", None, False, True),  # merged weights made in the blocks, again in backward
+        ("joint", None, True, True),  # ... inside the checkpointed recomputation, steps in backward
     ],
 )
-def test_cuda_graph_replay_takes_the_eager_steps(problem, unlabeled, batching, micro, ckpt):
+def test_cuda_graph_replay_takes_the_eager_steps(problem, unlabeled, batching, micro, ckpt, remerge):
     pre, experts, heads, _ = problem
     kw = dict(
         n_steps=8, sparsity=0.2, rotation_lr=0.01, validation_fraction=0.25, eval_every=3, random_state=0, device="cuda"
     )
     kw.update(task_batching=batching, micro_batch_size=micro, gradient_checkpointing=ckpt)
     eager = MOMAMerger(pre, experts, heads, cuda_graphs=False, **kw).fit(unlabeled)
-    graphed = MOMAMerger(pre, experts, heads, **kw).fit(unlabeled)
+    graphed = MOMAMerger(pre, experts, heads, recompute_merged_weights=remerge, **kw).fit(unlabeled)
     # two eager warm-up steps, then every step replays the captured passes
     assert [h["graphed"] for h in graphed.history_] == [False, False] + [True] * 6
     assert not any(h["graphed"] for h in eager.history_)

@@ -207,14 +207,24 @@ def _batchnorm_problem():
     return pre, experts, heads, X
 
 
-@pytest.mark.parametrize(("batching", "ckpt"), [("sequential", False), ("joint", False), ("sequential", True)])
-def test_an_encoder_with_batchnorm_statistics_fits(batching, ckpt):
+@pytest.mark.parametrize(
+    ("batching", "ckpt", "remerge"),
+    [
+        ("sequential", False, False),
+        ("joint", False, False),
+        ("sequential", True, False),
+        ("sequential", False, True),
+        ("joint", True, True),
+    ],
+)
+def test_an_encoder_with_batchnorm_statistics_fits(batching, ckpt, remerge):
     # the running statistics are float state-dict entries: merged and masked like the weights, but
     # batch_norm refuses a gradient for them (the fit used to fail there)
     pre, experts, heads, X = _batchnorm_problem()
     before = fingerprint_all(pre, experts, heads)
     kw = dict(n_steps=4, sparsity=0.2, validation_fraction=0.0, random_state=0, batch_size=8)
-    merger = MOMAMerger(pre, experts, heads, task_batching=batching, gradient_checkpointing=ckpt, **kw).fit(X)
+    kw.update(task_batching=batching, gradient_checkpointing=ckpt, recompute_merged_weights=remerge)
+    merger = MOMAMerger(pre, experts, heads, **kw).fit(X)
     assert all(np.isfinite(h["loss"]) for h in merger.history_)
     assert "0.0.1.running_mean" in merger.mask_  # the statistics are part of the merge
     merged = merger.transform().encoder.state_dict()

@@ -19,6 +19,7 @@ import argparse
 import copy
 import functools
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -54,6 +55,7 @@ def measure(
     task_batching="joint",
     micro_batch_size=None,
     gradient_checkpointing=False,
+    recompute_merged_weights=False,
     cuda_graphs=True,
 ) -> dict:
     """One measurement (on CPU run it in a fresh process): time ``fit`` and measure its peak memory."""
@@ -79,6 +81,7 @@ def measure(
         "encoder_params": n_params,
         "device": device,
         "gradient_checkpointing": bool(gradient_checkpointing) and method == "moma",
+        "recompute_merged_weights": bool(recompute_merged_weights) and method == "moma",
     }
 
     mem_device = "cpu" if method == "task_arithmetic" else device  # Task Arithmetic is CPU work
@@ -110,6 +113,7 @@ def measure(
                 task_batching=task_batching,
                 micro_batch_size=micro_batch_size,
                 gradient_checkpointing=gradient_checkpointing,
+                recompute_merged_weights=recompute_merged_weights,
                 cuda_graphs=cuda_graphs,
                 device=device,
                 random_state=0,
@@ -259,6 +263,13 @@ def main(argv=None) -> int:
         "(the floors never checkpoint: the recomputation counts in the ratios)",
     )
     p.add_argument(
+        "--recompute-merged-weights",
+        nargs="+",
+        default=["off"],
+        choices=["on", "off"],
+        help="MOMAMerger recompute_merged_weights values to measure (default: off); 'on' rows are labelled 'remerge'",
+    )
+    p.add_argument(
         "--cuda-graphs",
         nargs="+",
         default=["on"],
@@ -282,23 +293,25 @@ def main(argv=None) -> int:
         return 0
     run = _run_in_process if (args.in_process or args.device.startswith("cuda")) else _run_child
     rows = []
-    variants = []  # (label, method, task_batching, cuda_graphs, gradient_checkpointing)
+    variants = []  # (label, method, task_batching, cuda_graphs, gradient_checkpointing, recompute_merged_weights)
     graph_modes = args.cuda_graphs if args.device.startswith("cuda") else ["on"]
     for method in args.methods:
         if method == "moma":
             for tb in args.task_batching:
                 tb = int(tb) if tb.isdigit() else tb
-                for ckpt in args.gradient_checkpointing:
-                    for mode in graph_modes:
-                        suffix = f",mb{args.micro_batch_size}" if args.micro_batch_size else ""
-                        suffix += ",ckpt" if ckpt == "on" else ""
-                        suffix += (f",{args.precision}" if args.precision else "") + (",eager" if mode == "off" else "")
-                        variants.append((f"moma[{tb}{suffix}]", "moma", tb, mode == "on", ckpt == "on"))
+                for ckpt, remerge, mode in itertools.product(
+                    args.gradient_checkpointing, args.recompute_merged_weights, graph_modes
+                ):
+                    suffix = f",mb{args.micro_batch_size}" if args.micro_batch_size else ""
+                    suffix += ",ckpt" if ckpt == "on" else ""
+                    suffix += ",remerge" if remerge == "on" else ""
+                    suffix += (f",{args.precision}" if args.precision else "") + (",eager" if mode == "off" else "")
+                    variants.append((f"moma[{tb}{suffix}]", "moma", tb, mode == "on", ckpt == "on", remerge == "on"))
         else:
-            variants.append((method, method, None, True, False))
+            variants.append((method, method, None, True, False, False))
     plan = [(args.model, t) for t in args.tasks] + ([(args.large, min(args.tasks))] if args.large else [])
     for model, t in plan:
-        for label, method, batching, graphs, ckpt in variants:
+        for label, method, batching, graphs, ckpt, remerge in variants:
             r = (_run_child if method == "task_arithmetic" else run)(
                 {
                     "model": model,
@@ -311,6 +324,7 @@ def main(argv=None) -> int:
                     "task_batching": batching,
                     "micro_batch_size": args.micro_batch_size if method == "moma" else None,
                     "gradient_checkpointing": ckpt,
+                    "recompute_merged_weights": remerge,
                     "cuda_graphs": graphs,
                 }
             )

@@ -1,4 +1,8 @@
-"""Gradient checkpointing of an encoder's blocks, for the functional calls the fit makes.
+"""Recomputation inside an encoder's blocks, for the functional calls the fit makes.
+
+Two things a fit pass would otherwise keep can be recomputed block by block in the backward pass:
+the blocks' *activations* (gradient checkpointing) and the *merged weights* themselves
+(:class:`BlockMerge`).
 
 A fit pass keeps every intermediate activation of the encoder until its backward pass: for a
 ViT-B/32 about 30 MB per image in float32, which is what grows a pass's memory with its samples.
@@ -10,20 +14,29 @@ The fit runs a weightless *structure copy* of the user's encoder through
 :func:`torch.func.functional_call`, so the weights a block uses exist only during that call. A
 patched block therefore captures the tensors it runs with and recomputes with exactly those
 (another functional call, on the same tensors); the user's own modules are never patched.
+
+With a :class:`BlockMerge`, a block's merged weights ``θ_0 + λ (m ⊙ τ)`` are not kept for the whole
+fit: the block computes them from the mask scores when it runs, and autograd keeps, instead of each
+merged tensor it would save for backward, a recipe that computes it again (the same bits). The
+merged weights then exist one block at a time, and their gradient goes to the scores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["checkpoint_blocks", "find_blocks"]
+from .mask import merge_entry
+
+__all__ = ["BlockMerge", "checkpoint_blocks", "find_blocks", "recompute_blocks"]
 
 _INSIDE = "_momaestimator_recomputing"
 
@@ -115,25 +128,183 @@ def find_blocks(module: nn.Module, blocks=True) -> list[str]:
     return names
 
 
-def _recomputed_forward(module: nn.Module, forward, *args, **kwargs):
-    # Inside the recomputation, and wherever no graph is recorded (teacher targets, evaluation),
-    # the block runs as it is.
-    if module.__dict__.get(_INSIDE) or not torch.is_grad_enabled():
-        return forward(*args, **kwargs)
-    # The tensors the block runs with now (the functional call's merged weights): the recomputation
-    # in backward, when the call is over, swaps exactly these in again.
-    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+class _MergeForScores(torch.autograd.Function):
+    """Forward: the merged entry. Backward: ``∂L/∂θ`` itself, handed to the scores as is.
 
-    def run(*a, **kw):
+    The scores' gradient buffer thus accumulates ``∂L/∂θ`` over the passes of a step, as the merged
+    weights' own buffer did; the fit turns it into the straight-through score gradient once
+    (:func:`.mask.score_gradient`), so nothing full-size is saved here.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, threshold, theta0, tau, scaling):
+        ctx.dtype = scores.dtype
+        return merge_entry(scores, threshold, theta0, tau, scaling)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out.to(ctx.dtype), None, None, None, None
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    key: str
+    size: torch.Size
+    stride: tuple
+    offset: int
+
+
+@dataclass(eq=False)
+class BlockMerge:
+    """The merged weights of the blocks' entries, computed where they are used.
+
+    ``θ_0 + λ (m ⊙ τ)`` for each key of ``scores``, with the hard mask ``scores > threshold``;
+    differentiable (its gradient, ``∂L/∂θ``, accumulates in the scores' ``.grad``) when gradients
+    are recorded.
+
+    Parameters
+    ----------
+    scores : dict of str to torch.Tensor
+        Mask scores of the entries merged in their blocks, by state-dict key (leaves requiring
+        gradients).
+    theta0, tau : dict of str to torch.Tensor
+        Pretrained weights and ``τ_MT`` (at least the keys of ``scores``).
+    scaling : float
+        λ.
+    threshold : torch.Tensor
+        The cut (0-d; the fit rewrites it in place each step).
+
+    Examples
+    --------
+    >>> import torch
+    >>> s = {"w": torch.tensor([1.0, -1.0], requires_grad=True)}
+    >>> bm = BlockMerge(s, {"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.5, torch.tensor(0.0))
+    >>> w = bm.weight("w")
+    >>> w.detach(), w.requires_grad
+    (tensor([0.5000, 0.0000]), True)
+    """
+
+    scores: dict
+    theta0: dict
+    tau: dict
+    scaling: float
+    threshold: torch.Tensor
+
+    def weight(self, key: str) -> torch.Tensor:
+        """The merged entry ``key`` (recorded by autograd when gradients are enabled)."""
+        args = (self.scores[key], self.threshold, self.theta0[key], self.tau[key], self.scaling)
+        if torch.is_grad_enabled():
+            return _MergeForScores.apply(*args)
+        return merge_entry(*args)
+
+    @contextlib.contextmanager
+    def recipes(self, merged: dict):
+        """Within the block: autograd saves a recipe instead of any view of a ``merged`` tensor.
+
+        Parameters
+        ----------
+        merged : dict of str to torch.Tensor
+            State-dict key to the merged tensor the block runs with.
+        """
+        # addresses, not tensors: autograd keeps this hook with every tensor it saves, and a
+        # reference here would keep the merged tensors alive (they are, while the block runs)
+        by_storage = {
+            w.untyped_storage().data_ptr(): (key, w.dtype, w.device) for key, w in merged.items() if w.numel()
+        }
+
+        def pack(t):
+            try:
+                hit = by_storage.get(t.untyped_storage().data_ptr()) if t.numel() else None
+            except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+                hit = None
+            if hit is None or hit[1] != t.dtype or hit[2] != t.device:
+                return t
+            return _Recipe(hit[0], t.size(), t.stride(), t.storage_offset())
+
+        def unpack(saved):
+            if not isinstance(saved, _Recipe):
+                return saved
+            with torch.no_grad():
+                w = self.weight(saved.key)
+            return w.as_strided(saved.size, saved.stride, saved.offset)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+
+
+def _block_forward(module: nn.Module, forward, prefix: str, activations: bool, merge, *args, **kwargs):
+    # Inside the recomputation (or the block's own call), the block runs as it is.
+    if module.__dict__.get(_INSIDE):
+        return forward(*args, **kwargs)
+    grad = torch.is_grad_enabled()
+    if merge is None and not (activations and grad):  # teacher targets, evaluation
+        return forward(*args, **kwargs)
+    # The tensors the block runs with now (the functional call's): the recomputation in backward,
+    # when the call is over, swaps exactly these in again; merged entries are computed here.
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    keys = {}
+    if merge is not None:
+        keys = {name: prefix + name for name in tensors if prefix + name in merge.scores}
+
+    def run(recipes, *a, **kw):
+        merged = {name: merge.weight(key) for name, key in keys.items()}
         module.__dict__[_INSIDE] = True
         try:
-            return functional_call(module, tensors, a, kw, strict=False, tie_weights=False)
+            with merge.recipes({keys[n]: w for n, w in merged.items()}) if recipes else contextlib.nullcontext():
+                return functional_call(module, {**tensors, **merged}, a, kw, strict=False, tie_weights=False)
         finally:
             module.__dict__[_INSIDE] = False
 
-    # no RNG state to preserve: the fit runs the encoder in eval mode (and CUDA graphs cannot
-    # capture the RNG state's save and restore)
-    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+    if activations and grad:
+        # no RNG state to preserve: the fit runs the encoder in eval mode (and CUDA graphs cannot
+        # capture the RNG state's save and restore)
+        run = functools.partial(run, False)  # the checkpoint drops everything, merged weights too
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+    return run(grad and bool(keys), *args, **kwargs)
+
+
+def recompute_blocks(skeleton: nn.Module, names, *, activations: bool = True, merge: BlockMerge | None = None):
+    """A copy of ``skeleton`` whose blocks ``names`` recompute in backward what a pass would keep.
+
+    Forward values and gradients are those of ``skeleton`` run with the same tensors; only the
+    memory held between forward and backward changes. Under ``torch.no_grad()`` the blocks run
+    as they are (with ``merge``: on merged weights computed block by block).
+
+    Parameters
+    ----------
+    skeleton : torch.nn.Module
+        A structure copy (:func:`.functional.structure_copy`) run through ``functional_call``;
+        not modified.
+    names : list of str
+        Qualified names of the blocks (:func:`find_blocks`).
+    activations : bool, default=True
+        Recompute the blocks' activations (gradient checkpointing).
+    merge : BlockMerge, optional
+        Compute the merged entries of ``merge.scores`` inside their blocks, and again in backward,
+        instead of taking them from the functional call (leave those keys out of its state: the
+        placeholders stay, so a use outside the block fails loudly instead of running on other
+        weights).
+
+    Returns
+    -------
+    torch.nn.Module
+
+    Examples
+    --------
+    >>> import torch
+    >>> from momaestimator.merging.functional import encode, structure_copy
+    >>> enc = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4))
+    >>> state = {k: v.detach().requires_grad_() for k, v in enc.state_dict().items()}
+    >>> ckpt = recompute_blocks(structure_copy(enc), ["0", "2"])
+    >>> x = torch.randn(3, 4)
+    >>> torch.equal(encode(ckpt, state, x), enc(x))
+    True
+    """
+    copied = copy.deepcopy(skeleton)
+    for name in names:
+        block = copied.get_submodule(name)
+        block.forward = functools.partial(_block_forward, block, block.forward, f"{name}.", activations, merge)
+    return copied
 
 
 def checkpoint_blocks(skeleton: nn.Module, names) -> nn.Module:
@@ -141,7 +312,8 @@ def checkpoint_blocks(skeleton: nn.Module, names) -> nn.Module:
 
     Forward values and gradients are those of ``skeleton`` (the same operations on the same
     tensors, run twice); only the memory held between forward and backward changes. Under
-    ``torch.no_grad()`` the blocks run as they are.
+    ``torch.no_grad()`` the blocks run as they are. Same as :func:`recompute_blocks` with its
+    defaults.
 
     Parameters
     ----------
@@ -166,8 +338,4 @@ def checkpoint_blocks(skeleton: nn.Module, names) -> nn.Module:
     >>> torch.equal(encode(ckpt, state, x), enc(x))
     True
     """
-    copied = copy.deepcopy(skeleton)
-    for name in names:
-        block = copied.get_submodule(name)
-        block.forward = functools.partial(_recomputed_forward, block, block.forward)
-    return copied
+    return recompute_blocks(skeleton, names)

@@ -20,7 +20,7 @@ import torch
 from torch.func import functional_call
 from torch.optim.adam import adam as functional_adam
 
-from .checkpointing import checkpoint_blocks, find_blocks
+from .checkpointing import BlockMerge, _within, find_blocks, recompute_blocks
 from .functional import encode
 from .mask import GlobalMask, masked_merge, score_gradient
 from .objectives import OBJECTIVES
@@ -34,6 +34,7 @@ __all__ = [
     "fit_moma",
     "moma_logits",
     "pass_plan",
+    "recomputed_blocks",
     "task_groups",
     "teacher_targets",
     "to_device",
@@ -78,6 +79,10 @@ class FitConfig:
     gradient_checkpointing : bool, type or tuple of types, default=False
         Recompute the encoder's blocks (:func:`.checkpointing.find_blocks`) in each pass's backward
         instead of keeping their activations.
+    recompute_merged_weights : bool, default=False
+        Merge the weights of those blocks (the repeated blocks when ``gradient_checkpointing`` is
+        off) inside each block as it runs, and again in backward, instead of keeping one merged
+        copy of the encoder for the whole fit (:class:`.checkpointing.BlockMerge`).
     cuda_graphs : bool, default=True
         On a CUDA device, capture each pass's encoder forward and backward as CUDA graphs after
         the first steps and replay them (:class:`GraphedPass`); ignored on other devices.
@@ -105,6 +110,7 @@ class FitConfig:
     task_batching: str | int = "sequential"
     micro_batch_size: int | None = None
     gradient_checkpointing: bool | type | tuple = False
+    recompute_merged_weights: bool = False
     cuda_graphs: bool = True
     verbose: int = 0
 
@@ -714,8 +720,8 @@ def _step_all_scores(ctx):
     otherwise tensor by tensor.
     """
     indices, grads = [], []
-    for i, w in enumerate(ctx.leaves.values()):
-        if w.grad is None:
+    for i, w in enumerate(ctx.holders):
+        if w is None or w.grad is None:
             continue
         if w.grad.dtype != torch.float32:
             _step_scores(ctx, i, w.grad)
@@ -728,8 +734,8 @@ def _step_all_scores(ctx):
         grads.append(w.grad)
     if indices:
         ctx.score_optimizer.step(indices, grads)
-    for w in ctx.leaves.values():
-        if w.grad is not None:
+    for w in ctx.holders:
+        if w is not None and w.grad is not None:
             w.grad.zero_()  # keep the buffer: no encoder-sized allocation per step
 
 
@@ -763,12 +769,58 @@ def validation_loss(ctx) -> float:
         logits, feats = [], []
         for start in range(0, len(ctx.x_val[task]), 256):  # batches: no activation spike on large sets
             x = to_device(ctx.x_val[task][start : start + 256], ctx.device)
-            out = moma_logits(ctx.skeleton, theta, ctx.heads[task], q, x, autocast_dtype=ctx.cfg.autocast_dtype)
+            out = moma_logits(ctx.eval_skeleton, theta, ctx.heads[task], q, x, autocast_dtype=ctx.cfg.autocast_dtype)
             logits.append(out[0])
             feats.append(out[1])
         t_logits, t_feats = ctx.targets_val[task]
         total += float(ctx.loss_fn(torch.cat(logits), t_logits, torch.cat(feats), t_feats))
     return total
+
+
+def recomputed_blocks(encoder, gradient_checkpointing=False, recompute_merged_weights=False):
+    """The blocks whose activations, and those whose merged weights, a fit recomputes.
+
+    Parameters
+    ----------
+    encoder : torch.nn.Module
+        The encoder (or its structure copy); only read.
+    gradient_checkpointing : bool, type or tuple of types, default=False
+        As :func:`.checkpointing.find_blocks` takes it.
+    recompute_merged_weights : bool, default=False
+        Merge inside blocks: those of ``gradient_checkpointing``, else the repeated blocks.
+
+    Returns
+    -------
+    checkpointed, merged : list of str
+        Qualified block names (empty lists for "none").
+
+    Raises
+    ------
+    TypeError, ValueError
+        If a setting is not one of the above, or asks for blocks the encoder does not have.
+
+    Examples
+    --------
+    >>> import torch
+    >>> enc = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    >>> recomputed_blocks(enc, False, True)
+    ([], ['0', '1'])
+    """
+    if not isinstance(recompute_merged_weights, bool):
+        raise TypeError(f"recompute_merged_weights must be True or False, got {recompute_merged_weights!r}")
+    checkpointed = find_blocks(encoder, gradient_checkpointing)
+    if not recompute_merged_weights:
+        return checkpointed, []
+    if checkpointed:
+        return checkpointed, checkpointed
+    try:
+        return [], find_blocks(encoder, True)
+    except ValueError:
+        raise ValueError(
+            f"recompute_merged_weights=True: the encoder ({type(encoder).__name__}) has no repeated blocks "
+            "(an nn.ModuleList or nn.Sequential of modules of one class holding weights) to merge in; "
+            "name the block class(es) with gradient_checkpointing, or pass False"
+        ) from None
 
 
 class _Context:
@@ -851,22 +903,37 @@ def fit_moma(
     ctx.fixed_theta = None if ctx.mask is not None else merged_state(theta0, tau, None, cfg.scaling)
     sizes = [min(cfg.batch_size, len(x_train[t])) for t in ctx.tasks]  # the same every step
     ctx.passes = pass_plan(sizes, cfg.task_batching, cfg.micro_batch_size)
-    # the training passes' encoder: with checkpointing, its blocks recompute their activations in
-    # backward (teacher targets and evaluation run without gradients: the plain skeleton)
-    blocks = find_blocks(skeleton, cfg.gradient_checkpointing)
-    ctx.pass_skeleton = checkpoint_blocks(skeleton, blocks) if blocks else skeleton
     # One set of merged weights for the whole fit, rewritten in place every step: leaves whose
-    # gradients become score gradients (straight-through, see `score_gradient`).
-    ctx.leaves, ctx.theta, ctx.threshold = {}, theta0, None
+    # gradients become score gradients (straight-through, see `score_gradient`). With
+    # `recompute_merged_weights` the blocks' entries are left out: each block merges its own as it
+    # runs (and again in backward), and their gradients gather in the scores' own `.grad`.
+    ctx.leaves, ctx.theta, ctx.threshold, ctx.holders, block_merge = {}, theta0, None, [], None
+    ckpt_blocks, merge_blocks = recomputed_blocks(skeleton, cfg.gradient_checkpointing, cfg.recompute_merged_weights)
     if ctx.mask is not None:
         # weights are differentiated; float buffers (BatchNorm's running statistics) are merged and
         # masked too but take no gradient (batch_norm refuses one): their scores keep their start
         weights = {name for name, _ in skeleton.named_parameters(remove_duplicate=False)}
-        ctx.leaves = {k: torch.empty_like(tau[k]).requires_grad_(k in weights) for k in ctx.mask.names}
-        ctx.theta = {**theta0, **ctx.leaves}
         ctx.threshold = ctx.mask.threshold().clone()
+        in_blocks = {k for k in ctx.mask.names if k in weights and _within(k, merge_blocks)}
+        scores = dict(zip(ctx.mask.names, ctx.mask.scores))
+        ctx.leaves = {
+            k: torch.empty_like(tau[k]).requires_grad_(k in weights) for k in ctx.mask.names if k not in in_blocks
+        }
+        ctx.holders = [scores[k] if k in in_blocks else ctx.leaves[k] for k in ctx.mask.names]
+        ctx.theta = {**{k: v for k, v in theta0.items() if k not in in_blocks}, **ctx.leaves}
+        block_merge = BlockMerge({k: scores[k] for k in in_blocks}, theta0, tau, cfg.scaling, ctx.threshold)
     elif ctx.fixed_theta is not None:
         ctx.theta = ctx.fixed_theta
+    # the training passes' encoder: with checkpointing, its blocks recompute their activations in
+    # backward (teacher targets run without gradients on the plain skeleton); with merging in the
+    # blocks, evaluation runs on it too (the blocks' merged weights exist nowhere else)
+    ctx.pass_skeleton = ctx.eval_skeleton = skeleton
+    if block_merge is not None and block_merge.scores:
+        ctx.pass_skeleton = ctx.eval_skeleton = recompute_blocks(
+            skeleton, merge_blocks, activations=bool(ckpt_blocks), merge=block_merge
+        )
+    elif ckpt_blocks:
+        ctx.pass_skeleton = recompute_blocks(skeleton, ckpt_blocks)
     # CUDA graphs: worth it only with steps left to replay after the eager warm-up steps
     ctx.use_graphs = cfg.cuda_graphs and device.type == "cuda" and cfg.n_steps > _GRAPH_WARMUP_STEPS + 1
     ctx.graphs = None
@@ -885,7 +952,7 @@ def fit_moma(
         if len(ctx.passes) == 1:
             hooks = [
                 w.register_post_accumulate_grad_hook(_step_in_backward(ctx, i))
-                for i, w in enumerate(ctx.leaves.values())
+                for i, w in enumerate(ctx.holders)
                 if w.requires_grad
             ]
     ctx.learns = ctx.mask is not None or ctx.rotations is not None
@@ -937,7 +1004,9 @@ def fit_moma(
     for h in hooks:
         h.remove()
     ctx.graphs = None  # releases the graphs' memory pool
-    ctx.leaves = ctx.theta = None  # free the merged weights before the final mask is computed
+    for w in ctx.holders:  # free the gradient buffers and merged weights before the final mask
+        w.grad = None
+    ctx.leaves = ctx.theta = ctx.holders = None
     if not ctx.x_val:
         best_state, best_step = (None, None), n_iter
 

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["GlobalMask", "masked_merge", "score_gradient"]
+__all__ = ["GlobalMask", "masked_merge", "merge_entry", "score_gradient"]
 
 
 def masked_merge(theta0: torch.Tensor, tau: torch.Tensor, keep, scaling: float) -> torch.Tensor:
@@ -51,6 +51,40 @@ def masked_merge(theta0: torch.Tensor, tau: torch.Tensor, keep, scaling: float) 
     if keep is None:
         return theta0 + scaling * tau
     return theta0 + scaling * (tau * keep)
+
+
+def merge_entry(scores, threshold, theta0, tau, scaling, out=None) -> torch.Tensor:
+    """``θ_0 + λ (m ⊙ τ)`` of one entry with the hard mask ``m = scores > threshold``.
+
+    The arithmetic of :func:`masked_merge` (so the same bits) written into one tensor: the
+    mask as 1.0/0.0 straight into the output, then ``(m·τ)·λ + θ_0`` in place.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        The entry's mask scores.
+    threshold : torch.Tensor
+        The cut (0-d).
+    theta0, tau : torch.Tensor
+        Pretrained weights and ``τ_MT`` of the entry.
+    scaling : float
+        λ.
+    out : torch.Tensor, optional
+        Where to write (default: a new tensor like ``tau``).
+
+    Returns
+    -------
+    torch.Tensor
+
+    Examples
+    --------
+    >>> import torch
+    >>> merge_entry(torch.tensor([1.0, -1.0]), torch.tensor(0.0), torch.zeros(2), torch.ones(2), 0.5)
+    tensor([0.5000, 0.0000])
+    """
+    out = torch.empty_like(tau) if out is None else out
+    torch.gt(scores.detach(), threshold, out=out)
+    return out.mul_(tau).mul_(scaling).add_(theta0)
 
 
 class _StraightThroughMerge(torch.autograd.Function):
@@ -225,7 +259,8 @@ class GlobalMask(nn.Module):
         Parameters
         ----------
         out : dict of str to torch.Tensor
-            Preallocated tensors, one per key of this mask, overwritten.
+            Preallocated tensors for some or all keys of this mask, overwritten (other keys are
+            left out).
         theta0, tau : dict of str to torch.Tensor
             Pretrained weights and ``τ_MT``.
         scaling : float
@@ -234,19 +269,18 @@ class GlobalMask(nn.Module):
             The cut (default: :meth:`threshold`).
         """
         thr = self.threshold() if threshold is None else threshold
-        leaves = [out[k] for k in self.names]
+        pairs = [(k, s) for k, s in zip(self.names, self.scores) if k in out]
+        leaves = [out[k] for k, _ in pairs]
         if leaves and leaves[0].device.type != "cpu":
             # multi-tensor ops: a few kernel launches for all tensors, same arithmetic as masked_merge
-            torch._foreach_copy_(leaves, [tau[k] for k in self.names])
-            torch._foreach_mul_(leaves, [s.detach() > thr for s in self.scores])
+            torch._foreach_copy_(leaves, [tau[k] for k, _ in pairs])
+            torch._foreach_mul_(leaves, [s.detach() > thr for _, s in pairs])
             torch._foreach_mul_(leaves, scaling)
-            torch._foreach_add_(leaves, [theta0[k] for k in self.names])
+            torch._foreach_add_(leaves, [theta0[k] for k, _ in pairs])
             return
-        for k, s, w in zip(self.names, self.scores, leaves):  # CPU: tensor by tensor, while it is in cache
-            # the mask written as 1.0/0.0 straight into the output: no temporary (each one would be
-            # fresh pages faulted in); (m·τ)·λ + θ0 is masked_merge's arithmetic, so the same bits
-            torch.gt(s.detach(), thr, out=w)
-            w.mul_(tau[k]).mul_(scaling).add_(theta0[k])
+        for (k, s), w in zip(pairs, leaves):  # CPU: tensor by tensor, while it is in cache
+            # no temporary (each one would be fresh pages faulted in): see merge_entry
+            merge_entry(s, thr, theta0[k], tau[k], scaling, out=w)
 
     @torch.no_grad()
     def state(self) -> list[torch.Tensor]:
