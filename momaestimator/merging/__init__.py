@@ -5,16 +5,27 @@ Base merges on state dicts (:func:`task_arithmetic`, :func:`ties_merging`,
 (:class:`GlobalMask`, :class:`Rotations`, objectives) and the fitting loop (:func:`fit_moma`).
 """
 
-from .checkpointing import checkpoint_blocks, find_blocks
-from .fit import FitConfig, FitResult, ScoreAdam, fit_moma, moma_logits, pass_plan, task_groups, teacher_targets
+from .checkpointing import BlockMerge, checkpoint_blocks, find_blocks, recompute_blocks
+from .fit import (
+    FitConfig,
+    FitResult,
+    ScoreAdam,
+    fit_moma,
+    moma_logits,
+    pass_plan,
+    recomputed_blocks,
+    task_groups,
+    teacher_targets,
+)
 from .functional import absorb_heads, clone_with_state, first_linear_weight, structure_copy
-from .mask import GlobalMask, masked_merge, score_gradient
+from .mask import GlobalMask, masked_merge, merge_entry, score_gradient
 from .objectives import entropy, feature_alignment, kl_to_teacher
 from .rotation import Rotations, expm, rotation_angles
 from .task_arithmetic import multitask_vector, task_arithmetic, ties_merging, weight_averaging
 from .task_vectors import task_vector
 
 __all__ = [
+    "BlockMerge",
     "FitConfig",
     "FitResult",
     "GlobalMask",
@@ -31,9 +42,12 @@ __all__ = [
     "fit_moma",
     "kl_to_teacher",
     "masked_merge",
+    "merge_entry",
     "moma_logits",
     "multitask_vector",
     "pass_plan",
+    "recompute_blocks",
+    "recomputed_blocks",
     "rotation_angles",
     "score_gradient",
     "structure_copy",
