@@ -8,6 +8,7 @@ held-out unlabeled loss used for early stopping (:func:`validation_loss`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -823,6 +824,21 @@ def recomputed_blocks(encoder, gradient_checkpointing=False, recompute_merged_we
         ) from None
 
 
+@contextlib.contextmanager
+def _placeholders_explained(ctx):
+    """With merged weights made in the blocks: say what an error about ``meta`` tensors means."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as exc:
+        if not ctx.merged_in_blocks or "meta" not in str(exc):
+            raise
+        raise RuntimeError(
+            "recompute_merged_weights=True: the encoder used a block's weights outside that block's forward "
+            "(weight tying across modules, say), where the fit has only placeholders (meta tensors); "
+            f"fit it with recompute_merged_weights=False ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 class _Context:
     """Everything one fit needs, gathered so the step functions stay short."""
 
@@ -928,7 +944,8 @@ def fit_moma(
     # backward (teacher targets run without gradients on the plain skeleton); with merging in the
     # blocks, evaluation runs on it too (the blocks' merged weights exist nowhere else)
     ctx.pass_skeleton = ctx.eval_skeleton = skeleton
-    if block_merge is not None and block_merge.scores:
+    ctx.merged_in_blocks = block_merge is not None and bool(block_merge.scores)
+    if ctx.merged_in_blocks:
         ctx.pass_skeleton = ctx.eval_skeleton = recompute_blocks(
             skeleton, merge_blocks, activations=bool(ckpt_blocks), merge=block_merge
         )
@@ -972,7 +989,8 @@ def fit_moma(
 
     history = []
     # without held-out data the last state is kept, so no copy of the start state is needed
-    best_loss, best_state, best_step = validation_loss(ctx), (snapshot() if ctx.x_val else None), 0
+    with _placeholders_explained(ctx):
+        best_loss, best_state, best_step = validation_loss(ctx), (snapshot() if ctx.x_val else None), 0
     n_iter, interrupted = 0, False
     steps = range(1, cfg.n_steps + 1) if ctx.learns else range(0)
     if progress is not None:
@@ -984,7 +1002,8 @@ def fit_moma(
                 t: torch.randint(len(x_train[t]), (min(cfg.batch_size, len(x_train[t])),), generator=generator)
                 for t in ctx.tasks
             }
-            loss, per_task = train_step(ctx, batches, step)
+            with _placeholders_explained(ctx):
+                loss, per_task = train_step(ctx, batches, step)
             if ctx.trim_heap:
                 release_free_memory()
             n_iter = step
@@ -992,7 +1011,8 @@ def fit_moma(
             if device.type == "cuda":
                 record["graphed"] = ctx.graphs is not None
             if ctx.x_val and (step % cfg.eval_every == 0 or step == cfg.n_steps):
-                val = validation_loss(ctx)
+                with _placeholders_explained(ctx):
+                    val = validation_loss(ctx)
                 record["valid_loss"] = val
                 if val < best_loss:
                     best_loss, best_state, best_step = val, snapshot(), step
