@@ -191,7 +191,17 @@ class BlockMerge:
     threshold: torch.Tensor
 
     def weight(self, key: str) -> torch.Tensor:
-        """The merged entry ``key`` (recorded by autograd when gradients are enabled)."""
+        """The merged entry ``key`` (recorded by autograd when gradients are enabled).
+
+        Parameters
+        ----------
+        key : str
+            State-dict key (one of ``scores``).
+
+        Returns
+        -------
+        torch.Tensor
+        """
         args = (self.scores[key], self.threshold, self.theta0[key], self.tau[key], self.scaling)
         if torch.is_grad_enabled():
             return _MergeForScores.apply(*args)
