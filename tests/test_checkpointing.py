@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import fingerprint_all
+from conftest import SAME_STEP_FIT, FlatEncoder, assert_same_fit, counting_loaders, fingerprint_all
 from open_clip.transformer import ResidualAttentionBlock
 from sklearn.base import clone
 from torch import nn
@@ -117,63 +117,28 @@ def test_fit_with_checkpointing_takes_the_same_steps(batching, micro, precision)
     pre, experts, heads, data = toy.make_problem(n_tasks=2, layers=2, random_state=1, finetune_steps=10)
     X = {t: x for t, (x, _) in data.items()}
     before = fingerprint_all(pre, experts, heads)
-    kw = dict(
-        n_steps=6,
-        sparsity=0.2,
-        rotation_lr=0.01,
-        validation_fraction=0.25,
-        eval_every=2,
-        random_state=0,
-        task_batching=batching,
-        micro_batch_size=micro,
-        precision=precision,
-    )
+    kw = dict(SAME_STEP_FIT, task_batching=batching, micro_batch_size=micro, precision=precision)
     plain = MOMAMerger(pre, experts, heads, **kw).fit(X)
     ckpt = MOMAMerger(pre, experts, heads, gradient_checkpointing=True, **kw).fit(X)
-    for a, b in zip(plain.history_, ckpt.history_, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a.keys() == b.keys()
-        if "valid_loss" in a:
-            assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=1e-5)
-    agree = sum(int((plain.mask_[k] == ckpt.mask_[k]).sum()) for k in plain.mask_)
-    assert agree / sum(m.numel() for m in plain.mask_.values()) > 0.999
-    for t in plain.rotations_:
-        assert torch.allclose(plain.rotations_[t], ckpt.rotations_[t], atol=1e-5)
+    assert_same_fit(plain, ckpt)
     # the steps moved the rotations, so the comparison above compared something
     assert any(not torch.allclose(q, torch.eye(len(q)), atol=1e-4) for q in ckpt.rotations_.values())
     assert fingerprint_all(pre, experts, heads) == before
     assert all("forward" not in m.__dict__ for m in pre.modules())
 
 
-class _Flat(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Linear(12, 6)
-
-    def forward(self, x):
-        return self.body(x.flatten(1))
-
-
 def test_estimator_rejects_bad_checkpointing_before_any_work():
     pre, experts, heads, data = toy.make_problem(n_tasks=2, random_state=0)
     X = {t: x for t, (x, _) in data.items()}
     calls = []
-
-    def loader(expert):
-        def load():
-            calls.append(1)
-            return expert
-
-        return load
-
-    lazy = {t: loader(e) for t, e in experts.items()}
+    lazy = counting_loaders(experts, calls)
     with pytest.raises(TypeError, match="gradient_checkpointing must be True, False"):
         MOMAMerger(pre, lazy, heads, gradient_checkpointing="blocks").fit(X)
     with pytest.raises(ValueError, match=r"gradient_checkpointing=<class 'torch.nn.modules.conv.Conv3d'>"):
         MOMAMerger(pre, lazy, heads, gradient_checkpointing=nn.Conv3d).fit(X)
     assert calls == []  # no expert was read
-    flat = _Flat()
-    with pytest.raises(ValueError, match=r"the encoder \(_Flat\) has no repeated blocks"):
+    flat = FlatEncoder()
+    with pytest.raises(ValueError, match=r"the encoder \(FlatEncoder\) has no repeated blocks"):
         MOMAMerger(flat, {t: copy.deepcopy(flat) for t in experts}, heads, gradient_checkpointing=True).fit(X)
 
 

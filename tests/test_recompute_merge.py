@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import fingerprint_all
+from conftest import SAME_STEP_FIT, FlatEncoder, assert_same_fit, counting_loaders, fingerprint_all
 from sklearn.base import clone
 from torch import nn
 
@@ -110,18 +110,8 @@ def test_no_merged_weight_outlives_its_block(monkeypatch, activations):
 def test_fit_merging_in_the_blocks_takes_the_same_steps(problem, batching, micro, ckpt, precision):
     pre, experts, heads, X = problem
     before = fingerprint_all(pre, experts, heads)
-    kw = dict(
-        n_steps=6,
-        sparsity=0.2,
-        rotation_lr=0.01,
-        validation_fraction=0.25,
-        eval_every=2,
-        random_state=0,
-        task_batching=batching,
-        micro_batch_size=micro,
-        gradient_checkpointing=ckpt,
-        precision=precision,
-    )
+    kw = dict(SAME_STEP_FIT, task_batching=batching, micro_batch_size=micro, gradient_checkpointing=ckpt)
+    kw.update(precision=precision)
     kept = MOMAMerger(pre, experts, heads, **kw).fit(X)
     calls = []
     weight = BlockMerge.weight
@@ -134,15 +124,7 @@ def test_fit_merging_in_the_blocks_takes_the_same_steps(problem, batching, micro
         mp.setattr(BlockMerge, "weight", counted)
         recomputed = MOMAMerger(pre, experts, heads, recompute_merged_weights=True, **kw).fit(X)
     assert calls  # the option did take effect
-    for a, b in zip(kept.history_, recomputed.history_, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        if "valid_loss" in a:
-            assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=1e-5)
-    agree = sum(int((kept.mask_[k] == recomputed.mask_[k]).sum()) for k in kept.mask_)
-    assert agree / sum(m.numel() for m in kept.mask_.values()) > 0.999
-    assert kept.best_step_ == recomputed.best_step_
-    for t in kept.rotations_:
-        assert torch.allclose(kept.rotations_[t], recomputed.rotations_[t], atol=1e-5)
+    assert_same_fit(kept, recomputed)
     # the mask moved away from its start, so equal masks compare learned masks
     start = MOMAMerger(pre, experts, heads, **{**kw, "n_steps": 0}).fit(X)
     assert any(not torch.equal(start.mask_[k], recomputed.mask_[k]) for k in start.mask_)
@@ -159,32 +141,15 @@ def test_option_is_ignored_without_a_mask(problem):
         assert torch.equal(a.rotations_[t], b.rotations_[t])
 
 
-class _Flat(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Linear(12, 6)
-
-    def forward(self, x):
-        return self.body(x.flatten(1))
-
-
 def test_bad_values_are_rejected_before_any_work(problem):
     pre, experts, heads, X = problem
     calls = []
-
-    def loader(expert):
-        def load():
-            calls.append(1)
-            return expert
-
-        return load
-
-    lazy = {t: loader(e) for t, e in experts.items()}
+    lazy = counting_loaders(experts, calls)
     with pytest.raises(TypeError, match="recompute_merged_weights must be True or False, got 'yes'"):
         MOMAMerger(pre, lazy, heads, recompute_merged_weights="yes").fit(X)
-    flat = _Flat()
+    flat = FlatEncoder()
     flat_experts = {t: (lambda: copy.deepcopy(flat)) for t in experts}
-    with pytest.raises(ValueError, match=r"recompute_merged_weights=True: the encoder \(_Flat\) has no repeated"):
+    with pytest.raises(ValueError, match=r"recompute_merged_weights=True: the encoder \(FlatEncoder\) has no repeated"):
         MOMAMerger(flat, flat_experts, heads, recompute_merged_weights=True).fit(X)
     assert calls == []
     with pytest.raises(TypeError, match="recompute_merged_weights must be True or False"):
