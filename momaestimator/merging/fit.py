@@ -722,7 +722,7 @@ def _step_all_scores(ctx):
     """
     indices, grads = [], []
     for i, w in enumerate(ctx.holders):
-        if w is None or w.grad is None:
+        if w.grad is None:
             continue
         if w.grad.dtype != torch.float32:
             _step_scores(ctx, i, w.grad)
@@ -736,7 +736,7 @@ def _step_all_scores(ctx):
     if indices:
         ctx.score_optimizer.step(indices, grads)
     for w in ctx.holders:
-        if w is not None and w.grad is not None:
+        if w.grad is not None:
             w.grad.zero_()  # keep the buffer: no encoder-sized allocation per step
 
 
