@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .merging.functional import first_linear_weight
+from .data import task_keyed
+from .merging.functional import first_linear_weight, rotation_mismatch
 
 BASES = ("task_arithmetic", "ties")
 OBJECTIVE_NAMES = ("kl", "feature", "entropy")
@@ -95,7 +96,7 @@ def check_task_dict(value, name, *, allow_lazy=False) -> dict:
     if value is None:
         raise TypeError(f"{name} is required (got None)")
     if isinstance(value, Mapping):
-        out = {str(k): v for k, v in value.items()}
+        out = task_keyed(value, name)
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         out = {str(i): v for i, v in enumerate(value)}
     else:
@@ -141,8 +142,13 @@ def check_state(state: dict, name: str) -> None:
             raise ValueError(f"{name}: entry {k!r} contains NaN or infinite values")
 
 
-def check_encoder_states(pre_state: dict, ft_state: dict, task: str, *, values: bool = True) -> None:
-    """Same entries, shapes and kinds as the pretrained encoder; name the first difference."""
+def check_encoder_states(
+    pre_state: dict, ft_state: dict, task: str, *, values: bool = True, same_dtype: bool = False
+) -> None:
+    """Same entries, shapes and kinds as the pretrained encoder (dtypes too, with ``same_dtype``).
+
+    Names the first difference.
+    """
     for k, v in pre_state.items():
         if k not in ft_state:
             raise ValueError(f"finetuned_encoders[{task!r}] differs in architecture: missing entry {k!r}")
@@ -152,7 +158,7 @@ def check_encoder_states(pre_state: dict, ft_state: dict, task: str, *, values: 
                 f"finetuned_encoders[{task!r}] differs in architecture: entry {k!r} has shape "
                 f"{tuple(w.shape)}, the pretrained encoder has {tuple(v.shape)}"
             )
-        if w.is_floating_point() != v.is_floating_point():
+        if w.is_floating_point() != v.is_floating_point() or (same_dtype and w.dtype != v.dtype):
             raise ValueError(f"finetuned_encoders[{task!r}]: entry {k!r} is {w.dtype}, pretrained is {v.dtype}")
     extra = [k for k in ft_state if k not in pre_state]
     if extra:
@@ -161,7 +167,20 @@ def check_encoder_states(pre_state: dict, ft_state: dict, task: str, *, values: 
         check_state(ft_state, f"finetuned_encoders[{task!r}]")
 
 
-def check_heads(heads: dict, feature_dim: int) -> None:
+def check_heads(heads: dict, feature_dim: int, dtype=None, *, rotations: bool = True) -> None:
+    """Every head takes the encoder's features in its dtype, holds finite values, and absorbs a rotation.
+
+    Parameters
+    ----------
+    heads : dict of str to torch.nn.Module
+    feature_dim : int
+        The encoder's number of output features.
+    dtype : torch.dtype, optional
+        The encoder's floating dtype; the heads' weights must share it.
+    rotations : bool, default=True
+        Check that rotating the features equals rotating the first linear weight
+        (:func:`~momaestimator.merging.functional.rotation_mismatch`), which absorption relies on.
+    """
     for task, head in heads.items():
         wname = first_linear_weight(head, name=f"heads[{task!r}]")
         w = head.state_dict(keep_vars=True)[wname]
@@ -171,4 +190,20 @@ def check_heads(heads: dict, feature_dim: int) -> None:
             raise ValueError(
                 f"heads[{task!r}] expects {w.shape[1]} input features but the encoder outputs {feature_dim}"
             )
+        if dtype is not None and w.dtype != dtype:
+            raise ValueError(
+                f"heads[{task!r}] has {w.dtype} weights, the encoder {dtype}: put the encoder and the heads in "
+                f"one dtype (e.g. head.to({dtype}))"
+            )
         check_state({k: v.detach() for k, v in head.state_dict(keep_vars=True).items()}, f"heads[{task!r}]")
+        if rotations:
+            gap = rotation_mismatch(head)
+            if gap > 1e-3:
+                raise ValueError(
+                    f"heads[{task!r}] ({type(head).__name__}) cannot absorb a rotation: on rotated features it "
+                    f"gives other logits than with its weight {wname!r} rotated (relative gap {gap:.2g}). MOMA "
+                    "folds each task's rotation into the weight of the head's first linear map, which is exact "
+                    "only when the head applies that map to its input (after an optional L2 normalisation); "
+                    "this head transforms its input first. Use nn.Linear, LinearHead, or an nn.Sequential "
+                    "starting with a linear layer, or set learn_rotations=False"
+                )

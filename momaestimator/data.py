@@ -8,13 +8,61 @@ trick skorch's ``SliceDataset`` uses).
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-__all__ = ["TaskSamples", "as_label_array", "iter_task_batches", "materialize_inputs", "split_inputs_and_labels"]
+__all__ = [
+    "TaskSamples",
+    "as_label_array",
+    "iter_task_batches",
+    "materialize_inputs",
+    "split_inputs_and_labels",
+    "task_keyed",
+]
+
+
+def task_keyed(mapping: Mapping, name: str) -> dict:
+    """``{str(task): value}``, refusing two keys that name the same task (``0`` and ``"0"``).
+
+    Task names are strings everywhere (``tasks_``, the merged model's heads); other keys are
+    converted with ``str``, which must not merge two tasks into one.
+
+    Parameters
+    ----------
+    mapping : Mapping
+        ``{task: value}``.
+    name : str
+        How error messages call ``mapping``.
+
+    Returns
+    -------
+    dict of str to object
+
+    Raises
+    ------
+    ValueError
+        If two keys have the same string form.
+
+    Examples
+    --------
+    >>> task_keyed({0: "a", "b": "c"}, "X")
+    {'0': 'a', 'b': 'c'}
+    """
+    out, original = {}, {}
+    for key, value in mapping.items():
+        task = str(key)
+        if task in out:
+            raise ValueError(
+                f"{name} has the keys {original[task]!r} and {key!r}, which name the same task {task!r} "
+                "(task names are compared as strings)"
+            )
+        out[task], original[task] = value, key
+    return out
 
 
 def _to_tensor(x, *, what: str) -> torch.Tensor:
@@ -23,7 +71,9 @@ def _to_tensor(x, *, what: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype == object:
             raise TypeError(f"{what} is an object array; expected a numeric array")
-        return torch.from_numpy(np.ascontiguousarray(x))
+        with warnings.catch_warnings():  # a read-only array: the tensor is only ever read
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(np.ascontiguousarray(x))
     if isinstance(x, (list, tuple)) and x and isinstance(x[0], (torch.Tensor, np.ndarray)):
         return torch.stack([_to_tensor(v, what=what) for v in x])
     raise TypeError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
@@ -76,8 +126,8 @@ class TaskSamples:
     """
 
     def __init__(self, storage, labels=None, task_ids=None, sample_ids=None):
-        self._storage = dict(storage)
-        self._labels = dict(labels or {})
+        self._storage = task_keyed(storage, "storage")
+        self._labels = task_keyed(labels or {}, "labels")
         self.tasks = list(self._storage)
         if task_ids is None:
             sizes = [len(self._storage[t]) for t in self.tasks]
@@ -112,7 +162,7 @@ class TaskSamples:
         for t, ds in datasets.items():
             if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
                 raise TypeError(f"datasets[{t!r}] must be a map-style Dataset, got {type(ds).__name__}")
-        return cls({str(t): ds for t, ds in datasets.items()})
+        return cls(task_keyed(datasets, "datasets"))
 
     @classmethod
     def from_arrays(cls, inputs, labels=None):
@@ -137,16 +187,17 @@ class TaskSamples:
         """
         if not isinstance(inputs, Mapping):
             raise TypeError(f"inputs must be a dict {{task: array}}, got {type(inputs).__name__}")
-        storage = {str(t): (x if isinstance(x, torch.Tensor) else np.asarray(x)) for t, x in inputs.items()}
+        storage = task_keyed(inputs, "inputs")
+        storage = {t: (x if isinstance(x, torch.Tensor) else np.asarray(x)) for t, x in storage.items()}
         lab = None
         if labels is not None:
             if not isinstance(labels, Mapping):
                 raise TypeError(f"labels must be a dict {{task: labels}}, got {type(labels).__name__}")
-            missing = sorted(set(storage) - {str(t) for t in labels})
-            extra = sorted({str(t) for t in labels} - set(storage))
+            lab = {t: as_label_array(v) for t, v in task_keyed(labels, "labels").items()}
+            missing = sorted(set(storage) - set(lab))
+            extra = sorted(set(lab) - set(storage))
             if missing or extra:
                 raise ValueError(f"labels must name the same tasks as inputs; missing: {missing}, extra: {extra}")
-            lab = {str(t): as_label_array(v) for t, v in labels.items()}
             for t in storage:
                 if len(lab[t]) != len(storage[t]):
                     raise ValueError(
@@ -285,6 +336,8 @@ def split_inputs_and_labels(X, y=None, *, name="X"):
         for task, pos in X.positions_by_task().items():
             sources[task] = (X, X.sample_ids[pos])
             labels[task] = y_arr[pos] if y_arr is not None else None
+        if not sources:
+            raise ValueError(f"{name} is an empty TaskSamples: it holds no sample of any task")
         return sources, labels
     if not isinstance(X, Mapping):
         raise TypeError(
@@ -294,8 +347,8 @@ def split_inputs_and_labels(X, y=None, *, name="X"):
     sources, labels = {}, {}
     if y is not None and not isinstance(y, Mapping):
         raise TypeError(f"y must be None or a dict {{task: labels}} when {name} is a dict, got {type(y).__name__}")
-    for task, src in X.items():
-        task = str(task)
+    y = None if y is None else task_keyed(y, "y")
+    for task, src in task_keyed(X, name).items():
         lab = None
         if isinstance(src, tuple) and len(src) == 2 and not isinstance(src[0], (int, float)):
             src, lab = src
@@ -311,10 +364,12 @@ def split_inputs_and_labels(X, y=None, *, name="X"):
             raise TypeError(
                 f"{name}[{task!r}] must be a DataLoader, Dataset, Tensor or ndarray, got {type(src).__name__}"
             )
-        if y is not None and str(task) in {str(k) for k in y}:
-            lab = {str(k): v for k, v in y.items()}[task]
+        if y is not None and task in y:
+            lab = y[task]
         sources[task] = src
         labels[task] = None if lab is None else as_label_array(lab)
+    if not sources:
+        raise ValueError(f"{name} is empty: name at least one task")
     return sources, labels
 
 
@@ -346,7 +401,8 @@ def iter_task_batches(source, labels=None, *, batch_size=256, task="?"):
     Parameters
     ----------
     source : object
-        A tensor or array, a Dataset, a DataLoader (its own batching is kept) or a
+        A tensor or array, a Dataset (map-style or iterable: its items are samples), a DataLoader
+        or any other iterable of batches such as a generator (its batching is kept), or a
         ``(TaskSamples, indices)`` pair, as returned by :func:`split_inputs_and_labels`.
     labels : array-like, optional
         Labels aligned with ``source``, overriding any the source carries.
@@ -379,6 +435,13 @@ def iter_task_batches(source, labels=None, *, batch_size=256, task="?"):
         for i in range(0, len(x_all), batch_size):
             yield x_all[i : i + batch_size], (labels[i : i + batch_size] if labels is not None else None)
         return
+    if isinstance(source, IterableDataset):  # items are samples, as a DataLoader would see them
+        items, start = iter(source), 0
+        while chunk := [_split_item(it) for it in itertools.islice(items, batch_size)]:
+            yield _stack_items(chunk, labels, start, task)
+            start += len(chunk)
+        return
+    # a DataLoader or any other iterable of batches (a generator, a custom loader)
     if isinstance(source, DataLoader) or not (hasattr(source, "__getitem__") and hasattr(source, "__len__")):
         offset = 0
         for batch in source:
@@ -392,15 +455,19 @@ def iter_task_batches(source, labels=None, *, batch_size=256, task="?"):
     # map-style dataset
     n = len(source)
     for i in range(0, n, batch_size):
-        items = [_split_item(source[j]) for j in range(i, min(n, i + batch_size))]
-        x = torch.stack([_to_tensor(it[0], what=f"X[{task!r}][{j}]") for j, it in enumerate(items, i)])
-        if labels is not None:
-            y = labels[i : i + len(items)]
-        elif all(it[1] is not None for it in items):
-            y = np.asarray([int(it[1]) for it in items])
-        else:
-            y = None
-        yield x, y
+        yield _stack_items([_split_item(source[j]) for j in range(i, min(n, i + batch_size))], labels, i, task)
+
+
+def _stack_items(items, labels, start, task):
+    """One batch from ``(x, y)`` dataset items starting at position ``start``."""
+    x = torch.stack([_to_tensor(it[0], what=f"X[{task!r}][{j}]") for j, it in enumerate(items, start)])
+    if labels is not None:
+        y = labels[start : start + len(items)]
+    elif all(it[1] is not None for it in items):
+        y = np.asarray([int(it[1]) for it in items])
+    else:
+        y = None
+    return x, y
 
 
 def materialize_inputs(source, *, task: str, dtype=None, device=None) -> torch.Tensor:

@@ -7,6 +7,7 @@ user's inputs, and calls :mod:`momaestimator.merging` for every piece of tensor 
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import pickle
 import warnings
@@ -17,6 +18,7 @@ import torch
 from sklearn.base import BaseEstimator, clone
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
+from torch.utils.data import DataLoader, IterableDataset
 
 from . import _validation as V
 from ._io import atomic_write
@@ -25,7 +27,7 @@ from .merging.fit import FitConfig, HeadSpec, fit_moma, merged_state, recomputed
 from .merging.functional import absorb_heads, clone_with_state, encode, structure_copy
 from .merging.task_arithmetic import _ties_vector, multitask_vector
 from .merging.task_vectors import as_state_dict
-from .metrics import accuracy_per_task
+from .metrics import accuracy_per_task, check_class_labels
 from .models import MergedModel
 
 __all__ = ["MOMAMerger"]
@@ -39,8 +41,26 @@ def _is_lazy(source) -> bool:
     return isinstance(source, (str, os.PathLike)) or V.is_loader(source)
 
 
-def _load_state(source, task):
-    """A fine-tuned encoder's state dict from a module, a state dict, a checkpoint path or a loader."""
+def _load_state(source, task, pre_state, aliases=frozenset()):
+    """A fine-tuned encoder's state dict from a module, a state dict, a checkpoint path or a loader.
+
+    In the pretrained encoder's terms: the names of its tied tensors other than the first
+    (``aliases``) are dropped, and floating entries of another dtype are cast to its dtype (a
+    half-precision checkpoint against a float32 encoder, say).
+    """
+    state = _read_state(source, task)
+    out = {}
+    for k, v in state.items():
+        if k in aliases:
+            continue
+        ref = pre_state.get(k)
+        if ref is not None and v.dtype != ref.dtype and v.is_floating_point() and ref.is_floating_point():
+            v = v.to(ref.dtype)
+        out[k] = v
+    return out
+
+
+def _read_state(source, task):
     name = f"finetuned_encoders[{task!r}]"
     if V.is_loader(source):
         loaded = source()
@@ -61,6 +81,15 @@ def _add_task_vector(tau, state, base_state) -> None:
     """``τ += state − base_state`` entry by entry, in place (Task Arithmetic's sum, one expert at a time)."""
     for k in tau:
         tau[k] += state[k].to(base_state[k].device) - base_state[k]
+
+
+def _n_samples(source):
+    """The number of samples of an array, tensor or map-style dataset; ``None`` for loaders and iterables."""
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        return len(source)
+    if isinstance(source, (DataLoader, IterableDataset, tuple)) or not hasattr(source, "__len__"):
+        return None
+    return len(source)
 
 
 def _picklable(value) -> bool:
@@ -319,7 +348,7 @@ class MOMAMerger(BaseEstimator):
                 )
             if _is_lazy(src) and not values:
                 continue  # checkpoints and loaders are read (and checked) by fit, not re-read here
-            V.check_encoder_states(pre_state, _load_state(src, task), task, values=values)
+            V.check_encoder_states(pre_state, self._expert(src, task, pre_state), task, values=values)
         return tasks, pre_state, fts, heads
 
     def _check_fit_data(self, X, tasks, device, dtype):
@@ -364,7 +393,7 @@ class MOMAMerger(BaseEstimator):
         skeleton = structure_copy(self.pretrained_encoder, device=device)
         theta0 = {k: v.to(device) for k, v in pre_state.items()}
         feature_dim = self._feature_dim(skeleton, theta0, x_all[tasks[0]])
-        V.check_heads(heads, feature_dim)
+        V.check_heads(heads, feature_dim, dtype, rotations=self.learn_rotations)
         head_specs = {t: self._head_spec(heads[t], device) for t in tasks}
         autocast = V.PRECISIONS[self.precision]
 
@@ -375,7 +404,7 @@ class MOMAMerger(BaseEstimator):
         lazy_ta = self.base == "task_arithmetic" and any(_is_lazy(s) for s in fts.values())
         tau = {k: torch.zeros_like(v) for k, v in theta0.items() if v.is_floating_point()} if lazy_ta else None
         for t in tasks:  # one expert at a time: it can leave memory afterwards
-            state = {k: v.to(device) for k, v in _load_state(fts[t], t).items()}
+            state = {k: v.to(device) for k, v in self._expert(fts[t], t, pre_state).items()}
             targets_train[t] = teacher_targets(skeleton, state, head_specs[t], x_train[t], autocast_dtype=autocast)
             if t in x_val:
                 targets_val[t] = teacher_targets(skeleton, state, head_specs[t], x_val[t], autocast_dtype=autocast)
@@ -441,6 +470,11 @@ class MOMAMerger(BaseEstimator):
         self.interrupted_ = result.interrupted
         return self
 
+    def _expert(self, source, task, pre_state):
+        """One fine-tuned encoder's state dict, conformed to the pretrained one (:func:`_load_state`)."""
+        aliases = frozenset(self.pretrained_encoder.state_dict(keep_vars=True)) - frozenset(pre_state)
+        return _load_state(source, task, pre_state, aliases)
+
     def _checked_checkpointing(self):
         """``gradient_checkpointing`` checked against the encoder (raises before any work)."""
         spec = self.gradient_checkpointing
@@ -488,6 +522,14 @@ class MOMAMerger(BaseEstimator):
             perm = torch.randperm(len(x), generator=generator).to(x.device)
             x_val[t], x_train[t] = x[perm[:n_val]], x[perm[n_val:]]
         if len(x_val) != len(x_all):  # early stopping needs every task's loss
+            if self.validation_fraction > 0:
+                small = {t: len(x) for t, x in x_all.items() if t not in x_val}
+                warnings.warn(
+                    f"validation_fraction={self.validation_fraction} holds out no sample of task(s) {small} "
+                    "(samples per task); fitting without a held-out set, on every sample, for all tasks",
+                    UserWarning,
+                    stacklevel=3,
+                )
             return x_all, {}
         return x_train, x_val
 
@@ -496,12 +538,12 @@ class MOMAMerger(BaseEstimator):
         if lazy and self.base == "task_arithmetic":  # stream checkpoints: one expert in memory at a time
             tau = {k: torch.zeros_like(v) for k, v in pre_state.items() if v.is_floating_point()}
             for t, s in fts.items():
-                _add_task_vector(tau, _load_state(s, t), pre_state)
+                _add_task_vector(tau, self._expert(s, t, pre_state), pre_state)
         elif lazy:  # TIES reads each checkpoint twice, one expert in memory at a time
-            loaders = {t: functools.partial(_load_state, s, t) for t, s in fts.items()}
+            loaders = {t: functools.partial(self._expert, s, t, pre_state) for t, s in fts.items()}
             tau = _ties_vector(pre_state, loaders, top_k=self.top_k, merge="sum")
         else:  # modules: their state dicts, no copies
-            states = {t: _load_state(s, t) for t, s in fts.items()}
+            states = {t: self._expert(s, t, pre_state) for t, s in fts.items()}
             tau = multitask_vector(pre_state, states, base=self.base, top_k=self.top_k)
         return {k: v.to(device) for k, v in tau.items()}
 
@@ -532,13 +574,26 @@ class MOMAMerger(BaseEstimator):
             ``.encoder`` is a new instance of the user's encoder class holding
             ``θ_0 + λ (m ⊙ τ_MT)``; ``.heads`` holds copies of the heads with ``W_t Q_t``.
             It is placed on the pretrained encoder's device, in eval mode.
+
+        Notes
+        -----
+        The merger stores the mask and the rotations, not ``τ_MT``: the fine-tuned encoders are
+        read again here, so pass the models it was fitted with (a changed expert changes the result).
         """
         state = self.merged_state_dict()
         target = next((v.device for v in as_state_dict(self.pretrained_encoder).values()), torch.device("cpu"))
         encoder = clone_with_state(self.pretrained_encoder, {k: v.to(target) for k, v in state.items()})
-        heads = V.check_task_dict(self.heads, "heads")
-        new_heads = absorb_heads({t: heads[t] for t in self.tasks_}, self.rotations_)
+        new_heads = absorb_heads(self._fitted_heads(), self.rotations_)
         return MergedModel(encoder, new_heads).eval()
+
+    def _fitted_heads(self) -> dict:
+        """The heads of the fitted tasks, checked against the learned rotations."""
+        heads = V.check_task_dict(self.heads, "heads")
+        V.check_same_tasks(tasks_=dict.fromkeys(self.tasks_), heads=heads)
+        pre_state = as_state_dict(self.pretrained_encoder)
+        pre_dtype = next((v.dtype for v in pre_state.values() if v.is_floating_point()), None)
+        V.check_heads(heads, self.feature_dim_, pre_dtype, rotations=False)
+        return {t: heads[t] for t in self.tasks_}
 
     def score_per_task(self, X, y=None) -> dict[str, float]:
         """Top-1 accuracy of the absorbed model on each task.
@@ -562,13 +617,12 @@ class MOMAMerger(BaseEstimator):
         if unknown:
             raise ValueError(f"X names tasks {unknown} this merger was not fitted on; known: {self.tasks_}")
         for t, lab in labels.items():
-            if (
-                lab is not None
-                and hasattr(sources[t], "__len__")
-                and len(lab) != len(sources[t])
-                and not isinstance(sources[t], tuple)
-            ):
-                raise ValueError(f"task {t!r}: {len(lab)} labels for {len(sources[t])} inputs")
+            if lab is None:
+                continue
+            check_class_labels(lab, t)
+            n = _n_samples(sources[t])
+            if n is not None and len(lab) != n:
+                raise ValueError(f"task {t!r}: {len(lab)} labels for {n} inputs")
         return accuracy_per_task(self.transform().to(device), X, y, device=device, tasks=self.tasks_)
 
     def score(self, X, y=None) -> float:
@@ -599,8 +653,9 @@ class MOMAMerger(BaseEstimator):
 
         check_is_fitted(self, "mask_")
         params = {k: v for k, v in self.get_params(deep=False).items() if k not in _MODULE_PARAMS}
-        if not isinstance(params.get("random_state"), (int, type(None))):
-            params["random_state"] = None
+        seed = params.get("random_state")
+        # a seed is kept (numpy integers too); a RandomState instance's state is not
+        params["random_state"] = int(seed) if isinstance(seed, numbers.Integral) else None
         if not _picklable(params.get("gradient_checkpointing")):
             params["gradient_checkpointing"] = False  # a local class; it changes memory, not results
         state = {
@@ -650,4 +705,5 @@ class MOMAMerger(BaseEstimator):
         for k, v in fitted.items():
             setattr(merger, k, v)
         merger.mask_ = mask
+        merger._fitted_heads()  # heads that fit the saved rotations (feature size, dtype)
         return merger

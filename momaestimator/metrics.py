@@ -14,7 +14,7 @@ import torch
 
 from .data import iter_task_batches, split_inputs_and_labels
 
-__all__ = ["accuracy_per_task", "per_task_accuracy_scorer"]
+__all__ = ["accuracy_per_task", "check_class_labels", "per_task_accuracy_scorer"]
 
 
 def per_task_accuracy_scorer(estimator, X, y=None):
@@ -69,6 +69,47 @@ def per_task_accuracy_scorer(estimator, X, y=None):
     return scores
 
 
+def check_class_labels(labels, task, *, n_classes=None) -> np.ndarray:
+    """Labels as class indices (``int64``), or a ``ValueError`` naming the task and the problem.
+
+    Parameters
+    ----------
+    labels : array-like
+        One label per sample: integers, or floats holding whole numbers.
+    task : str
+        The task, for error messages.
+    n_classes : int, optional
+        The head's number of classes: labels must lie in ``[0, n_classes)``.
+
+    Returns
+    -------
+    numpy.ndarray of int64
+
+    Examples
+    --------
+    >>> check_class_labels([0.0, 2.0], "a").tolist()
+    [0, 2]
+    >>> check_class_labels([0, 3], "a", n_classes=3)
+    Traceback (most recent call last):
+    ...
+    ValueError: task 'a': label 3 is not a class of its head (classes 0..2)
+    """
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"task {task!r}: labels must be one class index per sample, got shape {arr.shape}")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+            raise ValueError(f"task {task!r}: labels must be whole class indices, got non-integer values")
+    elif arr.dtype.kind not in "iub":
+        raise ValueError(f"task {task!r}: labels must be integer class indices, got {arr.dtype} values")
+    arr = arr.astype(np.int64)
+    bad = arr[(arr < 0) | (arr >= n_classes)] if n_classes is not None else arr[arr < 0]
+    if len(bad):
+        top = f" (classes 0..{n_classes - 1})" if n_classes is not None else ""
+        raise ValueError(f"task {task!r}: label {int(bad[0])} is not a class of its head{top}")
+    return arr
+
+
 @torch.no_grad()
 def accuracy_per_task(model, X, y=None, *, device="cpu", tasks=None) -> dict[str, float]:
     """Top-1 accuracy of ``model(x, task)`` on labelled per-task data.
@@ -112,12 +153,13 @@ def accuracy_per_task(model, X, y=None, *, device="cpu", tasks=None) -> dict[str
             if not torch.isfinite(x).all():
                 raise ValueError(f"X[{task!r}] contains NaN or infinite values")
             try:
-                pred = model(x, task).argmax(-1).cpu()
+                logits = model(x, task)
             except RuntimeError as exc:
                 raise ValueError(
                     f"X[{task!r}]: the model cannot take inputs of shape {tuple(x.shape)} ({exc})"
                 ) from exc
-            lab = torch.as_tensor(np.asarray(lab)).long()
+            pred = logits.argmax(-1).cpu()
+            lab = torch.as_tensor(check_class_labels(lab, task, n_classes=logits.shape[-1]))
             if len(lab) != len(pred):
                 raise ValueError(f"task {task!r}: {len(lab)} labels for {len(pred)} inputs")
             correct += int((pred == lab).sum())

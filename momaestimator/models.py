@@ -117,12 +117,15 @@ class MergedModel(nn.Module):
         x : torch.Tensor
             A batch of encoder inputs (e.g. images).
         task : str
-            Which head to apply; one of :attr:`tasks`.
+            Which head to apply; one of :attr:`tasks`. Task names are strings: a task given as
+            ``0`` when fitting is served as ``"0"``, and ``model(x, 0)`` finds it too.
 
         Returns
         -------
         torch.Tensor of shape (batch, n_classes of ``task``)
         """
+        if not isinstance(task, str):
+            task = str(task)
         if task not in self.heads:
             raise KeyError(f"unknown task {task!r}; this model serves {self.tasks}")
         return self.heads[task](self.encoder(x))

@@ -324,9 +324,9 @@ def test_ties_base_from_checkpoint_paths_holds_one_expert_at_a_time(problem, unl
     paths = _save_experts(experts, tmp_path)
     alive, loads, real = _Alive(), [], merger_module._load_state
 
-    def tracking_load(source, task):
+    def tracking_load(source, task, *args):
         loads.append(task)
-        return alive.track(real(source, task))
+        return alive.track(real(source, task, *args))
 
     merger = MOMAMerger(pre, paths, heads, base="ties", n_steps=2, random_state=0)
     tasks, pre_state, fts, _ = merger._check_models(values=False)

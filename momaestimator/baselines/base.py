@@ -83,7 +83,7 @@ class MergerBase(BaseEstimator):
         pre = as_state_dict(self.pretrained_encoder, name="pretrained_encoder")
         V.check_state(pre, "pretrained_encoder")
         for t, m in fts.items():
-            V.check_encoder_states(pre, as_state_dict(m), t)
+            V.check_encoder_states(pre, as_state_dict(m), t, same_dtype=True)
         return tasks, pre, fts, heads
 
     def _unlabeled(self, X, tasks, device, dtype):

@@ -261,7 +261,7 @@ def _block_forward(module: nn.Module, forward, prefix: str, activations: bool, m
         module.__dict__[_INSIDE] = True
         try:
             with merge.recipes({keys[n]: w for n, w in merged.items()}) if recipes else contextlib.nullcontext():
-                return functional_call(module, {**tensors, **merged}, a, kw, strict=False, tie_weights=False)
+                return functional_call(module, {**tensors, **merged}, a, kw, strict=False, tie_weights=True)
         finally:
             module.__dict__[_INSIDE] = False
 

@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 _CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
 
-__all__ = ["absorb_heads", "clone_with_state", "encode", "first_linear_weight", "structure_copy"]
+__all__ = ["absorb_heads", "clone_with_state", "encode", "first_linear_weight", "rotation_mismatch", "structure_copy"]
 
 
 def _persistent_tensors(module: nn.Module):
@@ -109,8 +109,12 @@ def clone_with_state(module: nn.Module, state: dict) -> nn.Module:
 
 
 def encode(skeleton: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
-    """``skeleton`` evaluated with the tensors of ``state`` on input ``x``."""
-    return functional_call(skeleton, state, (x,), strict=False, tie_weights=False)
+    """``skeleton`` evaluated with the tensors of ``state`` on input ``x``.
+
+    Tied tensors take the value of the one name ``state`` gives them (see
+    :func:`~momaestimator.merging.task_vectors.as_state_dict`).
+    """
+    return functional_call(skeleton, state, (x,), strict=False, tie_weights=True)
 
 
 def first_linear_weight(head: nn.Module, *, name: str = "head") -> str:
@@ -153,6 +157,57 @@ def first_linear_weight(head: nn.Module, *, name: str = "head") -> str:
         f"{name} ({type(head).__name__}) is not a supported head: expected nn.Linear, a module with a 2-D "
         "`weight` (e.g. LinearHead), or an nn.Sequential starting with one"
     )
+
+
+@torch.no_grad()
+def rotation_mismatch(head: nn.Module, *, n_samples: int = 8, seed: int = 0) -> float:
+    """How far a head is from absorbing rotations: ``head(z Qᵀ)`` against the head with ``W ← W Q``.
+
+    Absorption (:func:`absorb_heads`) replaces a rotation of the features by a rotation of the
+    weight of the head's first linear map. That is exact when the head applies that map to its
+    input, optionally after an L2 normalisation (norms are rotation invariant); a head that
+    transforms its input first (centring, a layer norm) breaks it. Both sides are evaluated in
+    float64 on random features and a random orthogonal ``Q``.
+
+    Parameters
+    ----------
+    head : torch.nn.Module
+        The head; not modified (it runs on a structure copy).
+    n_samples : int, default=8
+        Random feature vectors to compare on.
+    seed : int, default=0
+        Seed of the features and of ``Q``.
+
+    Returns
+    -------
+    float
+        ``max |difference| / max |logits|``: about 1e-15 for a head that absorbs rotations.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from momaestimator import LinearHead
+    >>> rotation_mismatch(LinearHead(torch.randn(3, 4))) < 1e-12
+    True
+    >>> class Centred(torch.nn.Linear):
+    ...     def forward(self, z):
+    ...         return super().forward(z - z.mean(-1, keepdim=True))
+    >>> rotation_mismatch(Centred(4, 3)) > 1e-3
+    True
+    """
+    wname = first_linear_weight(head)
+    state = {k: v.detach() for k, v in head.state_dict(keep_vars=True).items()}
+    state = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+    skeleton = structure_copy(head, device=state[wname].device).double()
+    gen = torch.Generator().manual_seed(seed)
+    dim = state[wname].shape[1]
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    z = torch.randn(n_samples, dim, generator=gen, dtype=torch.float64)
+    q, z = q.to(state[wname].device), z.to(state[wname].device)
+    rotated_input = functional_call(skeleton, state, (z @ q.T,), strict=False)
+    rotated_weight = functional_call(skeleton, {**state, wname: state[wname] @ q}, (z,), strict=False)
+    scale = rotated_input.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    return float((rotated_input - rotated_weight).abs().max() / scale)
 
 
 def absorb_heads(heads: dict, rotations: dict) -> dict[str, nn.Module]:

@@ -22,7 +22,8 @@ def as_state_dict(model, *, name: str = "model") -> dict[str, torch.Tensor]:
     ----------
     model : torch.nn.Module or Mapping of str to torch.Tensor
         The model. Tensors are returned detached; they share storage with the input,
-        so callers must never modify them in place.
+        so callers must never modify them in place. A module's tied tensors (one parameter
+        under two names) are one entry, under the first name of its state dict.
     name : str, default="model"
         How error messages refer to ``model``.
 
@@ -37,7 +38,12 @@ def as_state_dict(model, *, name: str = "model") -> dict[str, torch.Tensor]:
     ['bias', 'weight']
     """
     if isinstance(model, nn.Module):
-        return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items() if v is not None}
+        out, seen = {}, set()
+        for k, v in model.state_dict(keep_vars=True).items():
+            if v is not None and id(v) not in seen:  # a tied tensor is one entry, under its first name
+                seen.add(id(v))
+                out[k] = v.detach()
+        return out
     if isinstance(model, Mapping):
         out = {}
         for k, v in model.items():

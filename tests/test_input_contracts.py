@@ -1,0 +1,223 @@
+"""Inputs at the edges of the contract: task keys, dtypes, tied weights, heads, data sources, labels."""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import fingerprint_all
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from momaestimator import LinearHead, MOMAMerger, TaskSamples
+from momaestimator.merging.fit import HeadSpec, moma_logits
+from momaestimator.merging.functional import rotation_mismatch, structure_copy
+
+
+@pytest.fixture(scope="module")
+def fitted(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    return MOMAMerger(pre, experts, heads, n_steps=2, random_state=0).fit(unlabeled)
+
+
+# ---------------------------------------------------------------- task keys
+def test_keys_that_name_the_same_task_are_refused(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    e = {0: experts["task0"], "0": experts["task1"]}
+    h = {0: heads["task0"], "0": heads["task1"]}
+    with pytest.raises(ValueError, match=r"finetuned_encoders has the keys 0 and '0', which name the same task '0'"):
+        MOMAMerger(pre, e, h).fit({0: unlabeled["task0"], "0": unlabeled["task1"]})
+    with pytest.raises(ValueError, match=r"inputs has the keys 1 and '1'"):
+        TaskSamples.from_arrays({1: np.zeros((2, 3)), "1": np.ones((2, 3))})
+    with pytest.raises(ValueError, match=r"storage has the keys"):
+        TaskSamples({1: np.zeros((2, 3)), "1": np.ones((2, 3))})
+
+
+def test_integer_task_keys_serve_as_strings(problem, unlabeled):
+    pre, experts, heads, data = problem
+    keyed = {i: t for i, t in enumerate(experts)}
+    merger = MOMAMerger(
+        pre, {i: experts[t] for i, t in keyed.items()}, {i: heads[t] for i, t in keyed.items()}, n_steps=1
+    ).fit({i: unlabeled[t] for i, t in keyed.items()})
+    assert merger.tasks_ == ["0", "1", "2"]
+    model = merger.transform()
+    x = unlabeled["task1"][:4]
+    assert torch.equal(model(x, 1), model(x, "1"))
+    # TaskSamples built directly normalises its keys too, so scoring with int keys works
+    ts = TaskSamples({i: data[t][0] for i, t in keyed.items()}, {i: data[t][1] for i, t in keyed.items()})
+    assert ts.tasks == ["0", "1", "2"] and set(merger.score_per_task(ts)) == {"0", "1", "2"}
+
+
+# ---------------------------------------------------------------- dtypes
+def test_expert_in_another_dtype_is_cast_to_the_pretrained_one(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    mixed = {**experts, "task1": copy.deepcopy(experts["task1"]).double()}
+    before = fingerprint_all(pre, mixed, heads)
+    a = MOMAMerger(pre, mixed, heads, n_steps=2, random_state=0).fit(unlabeled)
+    b = MOMAMerger(pre, experts, heads, n_steps=2, random_state=0).fit(unlabeled)
+    assert fingerprint_all(pre, mixed, heads) == before  # the float64 expert is not touched
+    # the float64 copy rounds back to the same float32 weights: the same fit, the same merged model
+    assert all(torch.equal(a.mask_[k], b.mask_[k]) for k in b.mask_)
+    state = a.merged_state_dict()
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    assert all(torch.equal(state[k], v) for k, v in b.merged_state_dict().items())
+
+
+def test_heads_in_another_dtype_than_the_encoder_are_refused(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    h64 = {t: copy.deepcopy(h).double() for t, h in heads.items()}
+    with pytest.raises(ValueError, match=r"heads\['task0'\] has torch.float64 weights, the encoder torch.float32"):
+        MOMAMerger(pre, experts, h64, n_steps=1).fit(unlabeled)
+
+
+def test_baselines_refuse_experts_of_another_dtype(problem, unlabeled):
+    from momaestimator.baselines import TaskArithmetic
+
+    pre, experts, heads, _ = problem
+    mixed = {**experts, "task2": copy.deepcopy(experts["task2"]).double()}
+    with pytest.raises(ValueError, match=r"finetuned_encoders\['task2'\]: entry .* is torch.float64"):
+        TaskArithmetic(pre, mixed, heads).fit(unlabeled)
+
+
+# ---------------------------------------------------------------- tied weights
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4, bias=False)
+        self.b = nn.Linear(4, 4, bias=False)
+        self.b.weight = self.a.weight  # one parameter, two state-dict names
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("as_state_dicts", [False, True])
+def test_tied_weights_are_one_entry_and_the_absorbed_model_is_the_fitted_one(as_state_dicts):
+    torch.manual_seed(0)
+    pre, experts = _Tied(), {}
+    for t in "xy":
+        e = copy.deepcopy(pre)
+        with torch.no_grad():
+            e.a.weight.add_(torch.randn(4, 4))
+        experts[t] = e.state_dict() if as_state_dicts else e  # state dicts carry both names
+    heads = {t: nn.Linear(4, 3) for t in "xy"}
+    X = {t: torch.randn(10, 4) for t in "xy"}
+    merger = MOMAMerger(pre, experts, heads, n_steps=3, random_state=0, sparsity=0.4, validation_fraction=0.0).fit(X)
+    assert list(merger.mask_) == ["a.weight"]  # one mask for the tied tensor, counted once
+    assert int((~merger.mask_["a.weight"]).sum()) == round(0.4 * 16)
+    model = merger.transform()
+    assert model.encoder.a.weight is model.encoder.b.weight  # still tied in the user's class
+    spec = HeadSpec(structure_copy(heads["x"]), dict(heads["x"].state_dict()))
+    fit_logits, _ = moma_logits(structure_copy(pre), merger.merged_state_dict(), spec, merger.rotations_["x"], X["x"])
+    torch.testing.assert_close(model(X["x"], "x"), fit_logits, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- heads that cannot absorb a rotation
+class _CentredHead(nn.Module):
+    """Centres its input before the linear map: rotating the weight is not rotating the input."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, z):
+        return nn.functional.linear(z - z.mean(-1, keepdim=True), self.weight)
+
+
+def test_rotation_mismatch_tells_absorbable_heads_from_the_rest():
+    torch.manual_seed(0)
+    assert rotation_mismatch(LinearHead(torch.randn(3, 6))) < 1e-12  # normalising: norms are rotation invariant
+    assert rotation_mismatch(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))) < 1e-12
+    assert rotation_mismatch(nn.Linear(6, 3).half()) < 1e-12  # evaluated in float64
+    assert rotation_mismatch(_CentredHead(torch.randn(3, 6))) > 1e-2
+
+
+def test_head_that_cannot_absorb_a_rotation_is_refused_unless_rotations_are_off(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    centred = {t: _CentredHead(h.weight.detach().clone()) for t, h in heads.items()}
+    with pytest.raises(ValueError, match=r"heads\['task0'\] \(_CentredHead\) cannot absorb a rotation"):
+        MOMAMerger(pre, experts, centred, n_steps=1).fit(unlabeled)
+    merger = MOMAMerger(pre, experts, centred, n_steps=1, learn_rotations=False).fit(unlabeled)
+    assert all(torch.equal(q, torch.eye(q.shape[0])) for q in merger.rotations_.values())
+
+
+# ---------------------------------------------------------------- data sources
+class _Samples(IterableDataset):
+    def __init__(self, x, y=None):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter(self.x) if self.y is None else iter(zip(self.x, self.y))
+
+
+def test_iterable_dataset_items_are_samples(problem, unlabeled, fitted):
+    pre, experts, heads, data = problem
+    a = MOMAMerger(pre, experts, heads, n_steps=2, random_state=0).fit({t: _Samples(x) for t, x in unlabeled.items()})
+    assert all(torch.equal(a.mask_[k], fitted.mask_[k]) for k in fitted.mask_)
+    assert all(torch.equal(a.rotations_[t], fitted.rotations_[t]) for t in fitted.tasks_)
+    assert fitted.score_per_task({t: _Samples(x, y) for t, (x, y) in data.items()}) == fitted.score_per_task(data)
+
+
+def test_labels_with_a_loader_are_counted_per_sample_not_per_batch(problem, fitted):
+    data = problem[3]
+    via_loader = fitted.score_per_task({t: (DataLoader(x, batch_size=5), y) for t, (x, y) in data.items()})
+    assert via_loader == fitted.score_per_task(data)
+
+
+def test_empty_scoring_data_is_refused(fitted, problem):
+    with pytest.raises(ValueError, match="X is empty: name at least one task"):
+        fitted.score({})
+    with pytest.raises(ValueError, match="X is an empty TaskSamples"):
+        fitted.score(TaskSamples.from_arrays({t: x for t, (x, _) in problem[3].items()})[[]])
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (lambda y: y + 10, r"task 'task0': label 1\d is not a class of its head \(classes 0..2\)"),
+        (lambda y: y - 5, r"task 'task0': label -\d is not a class of its head"),
+        (lambda y: y + 0.5, "task 'task0': labels must be whole class indices"),
+        (lambda y: np.array(["a"] * len(y)), "task 'task0': labels must be integer class indices"),
+    ],
+)
+def test_labels_that_are_not_class_indices_are_refused(fitted, problem, labels, match):
+    data = problem[3]
+    bad = {**data, "task0": (data["task0"][0], labels(np.asarray(data["task0"][1])))}
+    with pytest.raises(ValueError, match=match):
+        fitted.score(bad)
+    whole = {**data, "task0": (data["task0"][0], np.asarray(data["task0"][1], dtype=float))}
+    assert fitted.score(whole) == fitted.score(data)  # floats holding whole numbers are labels
+
+
+def test_read_only_arrays_fit_without_a_warning(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    arrays = {t: x.numpy().copy() for t, x in unlabeled.items()}
+    for a in arrays.values():
+        a.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MOMAMerger(pre, experts, heads, n_steps=1, validation_fraction=0.0).fit(arrays)
+
+
+def test_a_holdout_too_small_for_some_task_is_announced(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    tiny = {**unlabeled, "task2": unlabeled["task2"][:2]}  # 0.2 * 2 rounds to no held-out sample
+    with pytest.warns(UserWarning, match=r"holds out no sample of task\(s\) \{'task2': 2\}"):
+        merger = MOMAMerger(pre, experts, heads, n_steps=2).fit(tiny)
+    assert all("valid_loss" not in h for h in merger.history_)
+
+
+# ---------------------------------------------------------------- persistence
+def test_load_checks_heads_against_the_saved_rotations(fitted, problem, tmp_path):
+    pre, experts, heads, _ = problem
+    fitted.save(tmp_path / "m.joblib")
+    with pytest.raises(ValueError, match=r"heads\['task0'\] expects 5 input features but the encoder outputs 8"):
+        MOMAMerger.load(tmp_path / "m.joblib", pre, experts, {t: nn.Linear(5, 3) for t in heads})
+
+
+def test_save_keeps_a_numpy_integer_seed(problem, unlabeled, tmp_path):
+    pre, experts, heads, _ = problem
+    MOMAMerger(pre, experts, heads, n_steps=1, random_state=np.int64(7)).fit(unlabeled).save(tmp_path / "m.joblib")
+    loaded = MOMAMerger.load(tmp_path / "m.joblib", pre, experts, heads)
+    assert loaded.random_state == 7 and type(loaded.random_state) is int
