@@ -124,8 +124,9 @@ class MOMAMerger(BaseEstimator):
         One frozen classification head per task, same keys: ``nn.Linear``, :class:`LinearHead`
         (normalising), any module with a 2-D ``weight``, or an ``nn.Sequential`` starting with one.
     sparsity : float, default=0.1
-        Fraction of ``τ_MT``'s entries the final binary mask removes, in [0, 1). With 0 the mask
-        keeps everything (only the rotations are learned).
+        Fraction of ``τ_MT``'s non-zero entries the binary mask removes, in [0, 1) (entries that
+        are zero — no expert moved them, or TIES trimmed them — are the same kept or removed,
+        and are never cut). With 0 the mask keeps everything (only the rotations are learned).
     base : {"task_arithmetic", "ties"}, default="task_arithmetic"
         The base merge that builds ``τ_MT``.
     scaling : float, default=0.3
@@ -216,7 +217,8 @@ class MOMAMerger(BaseEstimator):
     n_iter_ : int
         Steps run.
     best_step_ : int
-        Step whose state was kept (held-out objective), 0 = the base merge.
+        Step whose state was kept (held-out objective); 0 = the start: the base merge with the
+        smallest-magnitude ``sparsity`` fraction of ``τ_MT`` removed.
     feature_dim_ : int
         Encoder output dimension.
     interrupted_ : bool

@@ -24,29 +24,54 @@ def test_forward_is_hard_mask_and_gradient_reaches_scores_near_the_cut():
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9])
-def test_sampled_threshold_for_large_vectors_keeps_exact_final_count(monkeypatch, sparsity):
+def test_large_vectors_train_on_a_sampled_cut_and_return_the_exact_one(monkeypatch, sparsity):
     monkeypatch.setattr(GlobalMask, "exact_threshold_max", 1000)
     monkeypatch.setattr(GlobalMask, "sample_size", 4000)
     gen = torch.Generator().manual_seed(0)
-    tau = {"w": torch.randn(100, 200, generator=gen)}
+    tau = {"w": torch.randn(100, 200, generator=gen), "v": torch.randn(300, generator=gen)}
     mask = GlobalMask(tau, sparsity=sparsity, generator=gen)
-    removed_now = float((mask.scores[0] <= mask.threshold()).float().mean()) if sparsity else 0.0
+    scores = torch.cat([s.detach().flatten() for s in mask.scores])
+    removed_now = float((scores <= mask.threshold()).float().mean()) if sparsity else 0.0
     assert removed_now == pytest.approx(sparsity, abs=0.03)  # sampled cut ≈ the right quantile
-    final = mask.binary()["w"]
-    assert int((~final).sum()) == round(sparsity * 20000)
+    final = mask.binary()
+    assert sum(int((~m).sum()) for m in final.values()) == round(sparsity * 20300)
+    thr = mask.threshold(exact=True)  # what evaluations use: the same mask
+    assert all(torch.equal(final[k], s.detach() > thr) for k, s in zip(mask.names, mask.scores))
 
 
-def test_exact_count_with_tied_scores_breaks_ties_by_position(monkeypatch):
-    monkeypatch.setattr(GlobalMask, "exact_threshold_max", 10)
+@pytest.mark.parametrize("exact_max", [10, 10_000])  # the band search and the plain selection
+def test_ties_at_the_cut_go_all_or_none_whichever_is_closer(monkeypatch, exact_max):
+    monkeypatch.setattr(GlobalMask, "exact_threshold_max", exact_max)
     monkeypatch.setattr(GlobalMask, "sample_size", 50)
     tau = {"a": torch.ones(30), "b": torch.ones(20)}
-    mask = GlobalMask(tau, sparsity=0.3)
+    mask = GlobalMask(tau, sparsity=0.3)  # 15 of 50
     with torch.no_grad():
-        for s in mask.scores:
-            s.fill_(0.0)  # every score tied
+        mask.scores[0].fill_(0.0)  # 30 tied at the cut: none (0) and all (30) are as far from 15: none
+        mask.scores[1].copy_(torch.arange(20.0) + 1)
     out = mask.binary()
-    assert int((~out["a"]).sum()) == 15 and bool(out["b"].all())  # the first 15 positions go
-    assert not out["a"][:15].any()
+    assert bool(out["a"].all()) and bool(out["b"].all())
+    with torch.no_grad():
+        mask.scores[0][:12] = -1.0  # 12 below, 18 tied: 12 removed is closer to 15 than 30
+    out = mask.binary()
+    assert int((~out["a"]).sum()) == 12 and not out["a"][:12].any() and bool(out["b"].all())
+    with torch.no_grad():
+        mask.scores[0][:12] = 0.0
+        mask.scores[0][12:] = -1.0
+        mask.scores[0][:4] = 0.5  # 18 below the tie: 18 removed, the closest count
+    assert int((~mask.binary()["a"]).sum()) == 18
+
+
+def test_zero_entries_of_tau_are_never_cut_and_do_not_count():
+    tau = {"a": torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0]), "b": torch.zeros(4)}
+    mask = GlobalMask(tau, sparsity=0.5, generator=torch.Generator().manual_seed(0))
+    assert mask.n_total == 4 and mask.n_remove == 2  # half of the non-zero entries
+    out = mask.binary()
+    assert out["a"].tolist() == [True] * 4 + [False, False, True, True] and bool(out["b"].all())
+    theta0 = {k: torch.zeros_like(v) for k, v in tau.items()}
+    merged = mask.merge(theta0, tau, scaling=1.0)
+    merged["a"].sum().backward()
+    grad = mask.scores[0].grad
+    assert torch.equal(grad[:4], torch.zeros(4)) and bool(torch.isfinite(mask.scores[0].grad).all())
 
 
 def test_merge_into_writes_the_same_bits_as_masked_merge():
@@ -63,3 +88,30 @@ def test_merge_into_writes_the_same_bits_as_masked_merge():
     mask.merge_into(out, theta0, tau, 0.37, thr)
     for k, s in zip(mask.names, mask.scores):
         assert torch.equal(out[k], masked_merge(theta0[k], tau[k], s > thr, 0.37))
+
+
+def test_the_held_out_loss_recorded_at_the_best_step_is_the_returned_models(monkeypatch, problem, unlabeled):
+    """Evaluations use the exact cut, so the mask scored is the mask returned, also when training
+    steps use a sampled cut (large models; forced here on the toy encoder)."""
+    import numpy as np
+
+    from momaestimator import MOMAMerger
+    from momaestimator.merging.objectives import kl_to_teacher
+
+    monkeypatch.setattr(GlobalMask, "exact_threshold_max", 1000)
+    monkeypatch.setattr(GlobalMask, "sample_size", 300)  # a coarse training cut
+    pre, experts, heads, _ = problem
+    merger = MOMAMerger(
+        pre, experts, heads, n_steps=6, eval_every=1, sparsity=0.3, lr=0.5, validation_fraction=0.25, random_state=0
+    ).fit(unlabeled)
+    assert merger.best_step_ >= 1
+    tau = merger._multitask_vector(pre.state_dict(), experts, "cpu")
+    n_total = sum(int(torch.count_nonzero(v)) for v in tau.values())
+    assert sum(int((~m).sum()) for m in merger.mask_.values()) == round(0.3 * n_total)
+    # the held-out split the fit drew (the generator is seeded from random_state, first used there)
+    seed = int(np.random.RandomState(0).randint(np.iinfo(np.int32).max))
+    _, x_val = merger._holdout(dict(unlabeled), torch.Generator().manual_seed(seed))
+    model = merger.transform()
+    with torch.no_grad():
+        loss = sum(float(kl_to_teacher(model(x, t), heads[t](experts[t](x)))) for t, x in x_val.items())
+    assert loss == pytest.approx(merger.history_[merger.best_step_ - 1]["valid_loss"], rel=1e-5)

@@ -409,11 +409,15 @@ def pass_plan(sizes, task_batching="sequential", micro_batch_size=None) -> list[
 
 
 @torch.no_grad()
-def _refresh_theta(ctx):
-    """The merged weights for the current scores, rewritten in place into the persistent leaves."""
+def _refresh_theta(ctx, exact=False):
+    """The merged weights for the current scores, rewritten in place into the persistent leaves.
+
+    ``exact``: the exact cut (evaluations: the mask evaluated is the one a fit returns), else a
+    training step's cut (:meth:`GlobalMask.threshold`).
+    """
     if ctx.mask is None:
         return ctx.fixed_theta
-    ctx.threshold.copy_(ctx.mask.threshold())  # in place: captured graphs read this tensor
+    ctx.threshold.copy_(ctx.mask.threshold(exact))  # in place: captured graphs read this tensor
     ctx.mask.merge_into(ctx.leaves, ctx.theta0, ctx.tau, ctx.cfg.scaling, ctx.threshold)
     return ctx.theta
 
@@ -762,7 +766,7 @@ def validation_loss(ctx) -> float:
     """Objective on the held-out unlabeled samples (no labels), summed over tasks."""
     if not ctx.x_val:
         return math.nan
-    theta = _refresh_theta(ctx)
+    theta = _refresh_theta(ctx, exact=True)  # the mask binary() returns
     total = 0.0
     q_all = ctx.rotations.matrices() if ctx.rotations is not None else None
     for i, task in enumerate(ctx.tasks):
@@ -998,10 +1002,8 @@ def fit_moma(
     start = time.perf_counter()
     try:
         for step in steps:
-            batches = {
-                t: torch.randint(len(x_train[t]), (min(cfg.batch_size, len(x_train[t])),), generator=generator)
-                for t in ctx.tasks
-            }
+            # without replacement: a step sees min(batch_size, n) distinct samples of each task
+            batches = {t: torch.randperm(len(x_train[t]), generator=generator)[: cfg.batch_size] for t in ctx.tasks}
             with _placeholders_explained(ctx):
                 loss, per_task = train_step(ctx, batches, step)
             if ctx.trim_heap:

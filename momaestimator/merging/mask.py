@@ -2,7 +2,8 @@
 
 MOMA learns one mask ``m`` shared by all tasks, with the shape of ``τ_MT``. We keep one real
 score per entry and use the *hard* mask in every forward pass: the entries whose score is
-among the lowest ``sparsity`` fraction are removed, the rest kept. Gradients reach the scores
+among the lowest ``sparsity`` fraction (of the non-zero entries of ``τ_MT``) are removed, the
+rest kept. Gradients reach the scores
 through a straight-through sigmoid surrogate centred on the current threshold, so entries near
 the keep/remove boundary are the ones that move. Because the fit-time forward already uses the
 binary mask, absorbing it into the weights changes nothing (see :mod:`.absorb`).
@@ -167,26 +168,32 @@ def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class GlobalMask(nn.Module):
-    """Learnable scores for a binary mask that removes exactly ``sparsity`` of ``τ_MT``'s entries.
+    """Learnable scores for a binary mask that removes a ``sparsity`` fraction of ``τ_MT``'s entries.
 
     One score per entry of ``τ_MT`` (a parameter per tensor); the cut is global over all tensors.
+    The mask is ``scores > threshold`` in every forward pass, in every evaluation and in the
+    result, so the mask a fit evaluates is the mask it returns.
+
+    Only the non-zero entries of ``τ_MT`` count: an entry where no expert moved (or that TIES
+    trimmed) is the same whether kept or removed, so it is never cut and ``sparsity`` is a
+    fraction of the others.
 
     Parameters
     ----------
     multitask_vector : dict of str to torch.Tensor
         ``τ_MT``; the mask has the same keys and shapes.
     sparsity : float
-        Fraction of entries (over all tensors together) the mask removes, in [0, 1).
+        Fraction of the non-zero entries (over all tensors together) the mask removes, in [0, 1).
     generator : torch.Generator, optional
         Seeds the tie-breaking jitter (and the score sample of large models).
 
     Examples
     --------
     >>> import torch
-    >>> tau = {"w": torch.tensor([0.1, -3.0, 0.5, 2.0])}
+    >>> tau = {"w": torch.tensor([0.1, -3.0, 0.0, 0.5, 2.0])}
     >>> mask = GlobalMask(tau, sparsity=0.5)
     >>> mask.binary()["w"]
-    tensor([False,  True, False,  True])
+    tensor([False,  True,  True, False,  True])
     """
 
     exact_threshold_max = 4_000_000
@@ -196,36 +203,67 @@ class GlobalMask(nn.Module):
         super().__init__()
         self.names = list(multitask_vector)
         numels = [multitask_vector[k].numel() for k in self.names]
-        self.n_total = sum(numels)
+        self.n_entries = sum(numels)
+        self.n_total = sum(int(torch.count_nonzero(multitask_vector[k])) for k in self.names)
         self.n_remove = int(round(sparsity * self.n_total))
+        never = torch.finfo(torch.float32).max  # the score of a zero entry: above every cut
         scores = []
         for k in self.names:  # tensor by tensor: no full-size temporaries
             tau = multitask_vector[k].detach()
             jitter = torch.rand(tau.shape, generator=generator, dtype=torch.float32).to(tau.device)
-            scores.append(nn.Parameter(torch.log(tau.abs().float().clamp_min(1e-30)).add_(jitter.mul_(1e-4))))
+            score = torch.log(tau.abs().float().clamp_min(1e-30)).add_(jitter.mul_(1e-4))
+            scores.append(nn.Parameter(score.masked_fill_(tau == 0, never)))
         self.scores = nn.ParameterList(scores)
-        # Large models: the training-time cut is the quantile of a fixed random sample of scores
-        # (an exact kthvalue would copy all P scores every step). The final mask is exact regardless.
+        # Large models: the cut of a training step is the quantile of a fixed random sample of
+        # scores (an exact one reads all P scores every step); evaluations and the result use the
+        # exact cut (:meth:`threshold` with ``exact=True``).
         self._sample = None
-        if self.n_total > self.exact_threshold_max and self.n_remove:
-            flat_idx = torch.randint(self.n_total, (self.sample_size,), generator=generator).sort().values
+        if self.n_entries > self.exact_threshold_max and self.n_remove:
+            flat_idx = torch.randint(self.n_entries, (self.sample_size,), generator=generator).sort().values
             bounds = torch.tensor([0, *numels]).cumsum(0)
             self._sample = []
             for i, s in enumerate(self.scores):
                 sel = flat_idx[(flat_idx >= bounds[i]) & (flat_idx < bounds[i + 1])] - bounds[i]
                 self._sample.append(sel.to(s.device))
 
-    def threshold(self) -> torch.Tensor:
-        """The current cut: entries with a score above it are kept."""
+    def threshold(self, exact: bool = False) -> torch.Tensor:
+        """The cut: entries with a score above it are kept.
+
+        Parameters
+        ----------
+        exact : bool, default=False
+            For a model of more than ``exact_threshold_max`` entries, a training step's cut is
+            the quantile of a fixed sample of the scores (the removed fraction is then
+            ``sparsity`` within sampling error); ``exact=True`` gives the cut that removes
+            ``n_remove`` entries. Smaller models always get the exact cut. Where several scores
+            tie at the cut, the exact cut removes all of them or none, whichever count is
+            closer to ``n_remove`` (none when both are as close).
+
+        Returns
+        -------
+        torch.Tensor
+            A 0-d tensor on the scores' device.
+        """
         device = self.scores[0].device
         if self.n_remove == 0:
             return torch.tensor(-math.inf, device=device)
+        if self._sample is not None and not exact:
+            sample = torch.cat([s.detach().flatten()[idx] for s, idx in zip(self.scores, self._sample)])
+            k = min(max(1, round(self.n_remove / self.n_entries * len(sample))), len(sample))
+            return _kth_smallest(sample, k)
         if self._sample is None:
-            flat = torch.cat([s.detach().flatten() for s in self.scores])
-            return _kth_smallest(flat, self.n_remove)
-        sample = torch.cat([s.detach().flatten()[idx] for s, idx in zip(self.scores, self._sample)])
-        k = min(max(1, round(self.n_remove / self.n_total * len(sample))), len(sample))
-        return _kth_smallest(sample, k)
+            lo = torch.tensor(-math.inf, device=device)
+            values = torch.cat([s.detach().flatten() for s in self.scores])
+        else:  # only the scores inside a band around the cut are gathered
+            lo, hi = self._band()
+            values = torch.cat([s.detach()[(s >= lo) & (s <= hi)] for s in self.scores])
+        below_band = sum(int((s.detach() < lo).sum()) for s in self.scores) if self._sample is not None else 0
+        cut = _kth_smallest(values, self.n_remove - below_band)
+        below = below_band + int((values < cut).sum())
+        upto = below_band + int((values <= cut).sum())
+        if self.n_remove - below <= upto - self.n_remove:  # ties: removing none of them is as close or closer
+            cut = torch.nextafter(cut, torch.tensor(-math.inf, device=device))
+        return cut
 
     def merge(self, theta0: dict, tau: dict, scaling: float) -> dict[str, torch.Tensor]:
         """Differentiable ``θ_0 + λ (m ⊙ τ)`` with the hard mask (straight-through gradient).
@@ -301,49 +339,30 @@ class GlobalMask(nn.Module):
 
     @torch.no_grad()
     def binary(self) -> dict[str, torch.Tensor]:
-        """The final binary mask with exactly ``n_remove`` entries removed (ties broken by position)."""
-        if self.n_remove == 0:
-            return {k: torch.ones(s.shape, dtype=torch.bool, device=s.device) for k, s in zip(self.names, self.scores)}
-        lo, hi = self._band()
-        below = sum(int((s < lo).sum()) for s in self.scores)
-        # entries inside the band [lo, hi] in flat order; the lowest of them complete the count
-        values, positions, offset = [], [], 0
-        for s in self.scores:
-            flat = s.detach().flatten()
-            idx = torch.nonzero((flat >= lo) & (flat <= hi)).flatten()
-            values.append(flat[idx])
-            positions.append(idx + offset)
-            offset += flat.numel()
-        values, positions = torch.cat(values), torch.cat(positions)
-        order = torch.sort(values, stable=True).indices[: self.n_remove - below]
-        removed = positions[order]
-        out, offset = {}, 0
-        for k, s in zip(self.names, self.scores):
-            keep = (s.detach() >= lo).flatten()
-            mine = removed[(removed >= offset) & (removed < offset + s.numel())] - offset
-            keep[mine] = False
-            out[k] = keep.view(s.shape)
-            offset += s.numel()
-        return out
+        """The binary mask of the current scores: ``scores > threshold(exact=True)``.
+
+        The mask evaluations use and fits return (``True`` = keep).
+
+        Returns
+        -------
+        dict of str to torch.BoolTensor
+        """
+        thr = self.threshold(exact=True)
+        return {k: s.detach() > thr for k, s in zip(self.names, self.scores)}
 
     def _band(self):
-        """Score bounds ``lo ≤ hi`` with ``#(s < lo) ≤ n_remove ≤ #(s ≤ hi)``, narrow for large models.
+        """Score bounds ``lo ≤ hi`` with ``#(s < lo) < n_remove ≤ #(s ≤ hi)``, narrow, from the sample.
 
         Finding the exact cut inside a narrow band avoids sorting (or copying) all ``P`` scores.
         """
-        if self._sample is None:
-            flat = torch.cat([s.detach().flatten() for s in self.scores])
-            v = flat.kthvalue(self.n_remove).values
-            return v, v
         sample = torch.cat([s.detach().flatten()[idx] for s, idx in zip(self.scores, self._sample)]).sort().values
-        q = self.n_remove / self.n_total
-        for margin in (0.002, 0.01, 0.05, 1.0):
-            lo_i = max(0, int((q - margin) * len(sample)) - 1)
-            hi_i = min(len(sample) - 1, int((q + margin) * len(sample)) + 1)
-            lo = sample[lo_i] if margin < 1.0 else torch.tensor(-math.inf)
-            hi = sample[hi_i] if margin < 1.0 else torch.tensor(math.inf)
-            below = sum(int((s < lo).sum()) for s in self.scores)
-            upto = sum(int((s <= hi).sum()) for s in self.scores)
-            if below <= self.n_remove <= upto:
+        q = self.n_remove / self.n_entries
+        for margin in (0.002, 0.01, 0.05):
+            lo = sample[max(0, int((q - margin) * len(sample)) - 1)]
+            hi = sample[min(len(sample) - 1, int((q + margin) * len(sample)) + 1)]
+            below = sum(int((s.detach() < lo).sum()) for s in self.scores)
+            upto = sum(int((s.detach() <= hi).sum()) for s in self.scores)
+            if below < self.n_remove <= upto:
                 return lo, hi
-        raise AssertionError("unreachable: the full range always contains the cut")
+        device = sample.device
+        return torch.tensor(-math.inf, device=device), torch.tensor(math.inf, device=device)
