@@ -257,7 +257,7 @@ class GlobalMask(nn.Module):
         else:  # only the scores inside a band around the cut are gathered
             lo, hi = self._band()
             values = torch.cat([s.detach()[(s >= lo) & (s <= hi)] for s in self.scores])
-        below_band = sum(int((s.detach() < lo).sum()) for s in self.scores) if self._sample is not None else 0
+        below_band = self._count_below(lo) if self._sample is not None else 0
         cut = _kth_smallest(values, self.n_remove - below_band)
         below = below_band + int((values < cut).sum())
         upto = below_band + int((values <= cut).sum())
@@ -350,6 +350,11 @@ class GlobalMask(nn.Module):
         thr = self.threshold(exact=True)
         return {k: s.detach() > thr for k, s in zip(self.names, self.scores)}
 
+    def _count_below(self, value, inclusive=False) -> int:
+        """How many scores are below ``value`` (or equal, with ``inclusive``): one device sync."""
+        compare = torch.le if inclusive else torch.lt
+        return int(torch.stack([compare(s.detach(), value).sum() for s in self.scores]).sum())
+
     def _band(self):
         """Score bounds ``lo ≤ hi`` with ``#(s < lo) < n_remove ≤ #(s ≤ hi)``, narrow, from the sample.
 
@@ -360,8 +365,7 @@ class GlobalMask(nn.Module):
         for margin in (0.002, 0.01, 0.05):
             lo = sample[max(0, int((q - margin) * len(sample)) - 1)]
             hi = sample[min(len(sample) - 1, int((q + margin) * len(sample)) + 1)]
-            below = sum(int((s.detach() < lo).sum()) for s in self.scores)
-            upto = sum(int((s.detach() <= hi).sum()) for s in self.scores)
+            below, upto = self._count_below(lo), self._count_below(hi, inclusive=True)
             if below < self.n_remove <= upto:
                 return lo, hi
         device = sample.device
