@@ -24,25 +24,22 @@ def test_forward_is_hard_mask_and_gradient_reaches_scores_near_the_cut():
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9])
-def test_large_vectors_train_on_a_sampled_cut_and_return_the_exact_one(monkeypatch, sparsity):
+def test_large_vectors_cut_at_a_sampled_quantile_everywhere(monkeypatch, sparsity):
     monkeypatch.setattr(GlobalMask, "exact_threshold_max", 1000)
     monkeypatch.setattr(GlobalMask, "sample_size", 4000)
     gen = torch.Generator().manual_seed(0)
     tau = {"w": torch.randn(100, 200, generator=gen), "v": torch.randn(300, generator=gen)}
     mask = GlobalMask(tau, sparsity=sparsity, generator=gen)
-    scores = torch.cat([s.detach().flatten() for s in mask.scores])
-    removed_now = float((scores <= mask.threshold()).float().mean()) if sparsity else 0.0
-    assert removed_now == pytest.approx(sparsity, abs=0.03)  # sampled cut ≈ the right quantile
     final = mask.binary()
-    assert sum(int((~m).sum()) for m in final.values()) == round(sparsity * 20300)
-    thr = mask.threshold(exact=True)  # what evaluations use: the same mask
+    removed = sum(int((~m).sum()) for m in final.values()) / 20300
+    assert removed == pytest.approx(sparsity, abs=0.02)  # the sample's quantile ≈ the right one
+    if sparsity:
+        assert removed != sparsity  # not the exact count: the sample's quantile
+    thr = mask.threshold()  # what every step and evaluation use: the same mask
     assert all(torch.equal(final[k], s.detach() > thr) for k, s in zip(mask.names, mask.scores))
 
 
-@pytest.mark.parametrize("exact_max", [10, 10_000])  # the band search and the plain selection
-def test_ties_at_the_cut_go_all_or_none_whichever_is_closer(monkeypatch, exact_max):
-    monkeypatch.setattr(GlobalMask, "exact_threshold_max", exact_max)
-    monkeypatch.setattr(GlobalMask, "sample_size", 50)
+def test_ties_at_the_cut_go_all_or_none_whichever_is_closer():
     tau = {"a": torch.ones(30), "b": torch.ones(20)}
     mask = GlobalMask(tau, sparsity=0.3)  # 15 of 50
     with torch.no_grad():
@@ -91,15 +88,15 @@ def test_merge_into_writes_the_same_bits_as_masked_merge():
 
 
 def test_the_held_out_loss_recorded_at_the_best_step_is_the_returned_models(monkeypatch, problem, unlabeled):
-    """Evaluations use the exact cut, so the mask scored is the mask returned, also when training
-    steps use a sampled cut (large models; forced here on the toy encoder)."""
+    """The mask scored on held-out data is the mask returned, also with the sampled cut of large
+    models (forced here on the toy encoder)."""
     import numpy as np
 
     from momaestimator import MOMAMerger
     from momaestimator.merging.objectives import kl_to_teacher
 
     monkeypatch.setattr(GlobalMask, "exact_threshold_max", 1000)
-    monkeypatch.setattr(GlobalMask, "sample_size", 300)  # a coarse training cut
+    monkeypatch.setattr(GlobalMask, "sample_size", 300)  # a coarse cut
     pre, experts, heads, _ = problem
     merger = MOMAMerger(
         pre, experts, heads, n_steps=6, eval_every=1, sparsity=0.3, lr=0.5, validation_fraction=0.25, random_state=0
@@ -107,7 +104,7 @@ def test_the_held_out_loss_recorded_at_the_best_step_is_the_returned_models(monk
     assert merger.best_step_ >= 1
     tau = merger._multitask_vector(pre.state_dict(), experts, "cpu")
     n_total = sum(int(torch.count_nonzero(v)) for v in tau.values())
-    assert sum(int((~m).sum()) for m in merger.mask_.values()) == round(0.3 * n_total)
+    assert sum(int((~m).sum()) for m in merger.mask_.values()) / n_total == pytest.approx(0.3, abs=0.1)
     # the held-out split the fit drew (the generator is seeded from random_state, first used there)
     seed = int(np.random.RandomState(0).randint(np.iinfo(np.int32).max))
     _, x_val = merger._holdout(dict(unlabeled), torch.Generator().manual_seed(seed))

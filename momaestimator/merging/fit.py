@@ -409,15 +409,11 @@ def pass_plan(sizes, task_batching="sequential", micro_batch_size=None) -> list[
 
 
 @torch.no_grad()
-def _refresh_theta(ctx, exact=False):
-    """The merged weights for the current scores, rewritten in place into the persistent leaves.
-
-    ``exact``: the exact cut (evaluations: the mask evaluated is the one a fit returns), else a
-    training step's cut (:meth:`GlobalMask.threshold`).
-    """
+def _refresh_theta(ctx):
+    """The merged weights for the current scores, rewritten in place into the persistent leaves."""
     if ctx.mask is None:
         return ctx.fixed_theta
-    ctx.threshold.copy_(ctx.mask.threshold(exact))  # in place: captured graphs read this tensor
+    ctx.threshold.copy_(ctx.mask.threshold())  # in place: captured graphs read this tensor
     ctx.mask.merge_into(ctx.leaves, ctx.theta0, ctx.tau, ctx.cfg.scaling, ctx.threshold)
     return ctx.theta
 
@@ -766,7 +762,7 @@ def validation_loss(ctx) -> float:
     """Objective on the held-out unlabeled samples (no labels), summed over tasks."""
     if not ctx.x_val:
         return math.nan
-    theta = _refresh_theta(ctx, exact=True)  # the mask binary() returns
+    theta = _refresh_theta(ctx)  # the mask binary() returns
     total = 0.0
     q_all = ctx.rotations.matrices() if ctx.rotations is not None else None
     for i, task in enumerate(ctx.tasks):

@@ -214,9 +214,8 @@ class GlobalMask(nn.Module):
             score = torch.log(tau.abs().float().clamp_min(1e-30)).add_(jitter.mul_(1e-4))
             scores.append(nn.Parameter(score.masked_fill_(tau == 0, never)))
         self.scores = nn.ParameterList(scores)
-        # Large models: the cut of a training step is the quantile of a fixed random sample of
-        # scores (an exact one reads all P scores every step); evaluations and the result use the
-        # exact cut (:meth:`threshold` with ``exact=True``).
+        # Large models: the cut is the quantile of a fixed random sample of the scores (an exact
+        # one reads all P scores, every step)
         self._sample = None
         if self.n_entries > self.exact_threshold_max and self.n_remove:
             flat_idx = torch.randint(self.n_entries, (self.sample_size,), generator=generator).sort().values
@@ -226,18 +225,14 @@ class GlobalMask(nn.Module):
                 sel = flat_idx[(flat_idx >= bounds[i]) & (flat_idx < bounds[i + 1])] - bounds[i]
                 self._sample.append(sel.to(s.device))
 
-    def threshold(self, exact: bool = False) -> torch.Tensor:
-        """The cut: entries with a score above it are kept.
+    def threshold(self) -> torch.Tensor:
+        """The cut: entries with a score above it are kept (in every step, evaluation and result).
 
-        Parameters
-        ----------
-        exact : bool, default=False
-            For a model of more than ``exact_threshold_max`` entries, a training step's cut is
-            the quantile of a fixed sample of the scores (the removed fraction is then
-            ``sparsity`` within sampling error); ``exact=True`` gives the cut that removes
-            ``n_remove`` entries. Smaller models always get the exact cut. Where several scores
-            tie at the cut, the exact cut removes all of them or none, whichever count is
-            closer to ``n_remove`` (none when both are as close).
+        Up to ``exact_threshold_max`` entries the cut removes exactly ``n_remove`` of them; where
+        several scores tie at it, it removes all of them or none, whichever count is closer to
+        ``n_remove`` (none when both are as close). Larger models: the cut is the quantile of a
+        fixed random sample of ``sample_size`` scores (an exact one reads all ``P`` scores), so
+        the removed fraction is ``sparsity`` within sampling error.
 
         Returns
         -------
@@ -247,20 +242,13 @@ class GlobalMask(nn.Module):
         device = self.scores[0].device
         if self.n_remove == 0:
             return torch.tensor(-math.inf, device=device)
-        if self._sample is not None and not exact:
+        if self._sample is not None:
             sample = torch.cat([s.detach().flatten()[idx] for s, idx in zip(self.scores, self._sample)])
             k = min(max(1, round(self.n_remove / self.n_entries * len(sample))), len(sample))
             return _kth_smallest(sample, k)
-        if self._sample is None:
-            lo = torch.tensor(-math.inf, device=device)
-            values = torch.cat([s.detach().flatten() for s in self.scores])
-        else:  # only the scores inside a band around the cut are gathered
-            lo, hi = self._band()
-            values = torch.cat([s.detach()[(s >= lo) & (s <= hi)] for s in self.scores])
-        below_band = self._count_below(lo) if self._sample is not None else 0
-        cut = _kth_smallest(values, self.n_remove - below_band)
-        below = below_band + int((values < cut).sum())
-        upto = below_band + int((values <= cut).sum())
+        values = torch.cat([s.detach().flatten() for s in self.scores])
+        cut = _kth_smallest(values, self.n_remove)
+        below, upto = int((values < cut).sum()), int((values <= cut).sum())
         if self.n_remove - below <= upto - self.n_remove:  # ties: removing none of them is as close or closer
             cut = torch.nextafter(cut, torch.tensor(-math.inf, device=device))
         return cut
@@ -339,34 +327,14 @@ class GlobalMask(nn.Module):
 
     @torch.no_grad()
     def binary(self) -> dict[str, torch.Tensor]:
-        """The binary mask of the current scores: ``scores > threshold(exact=True)``.
+        """The binary mask of the current scores, ``scores > threshold()`` (``True`` = keep).
 
-        The mask evaluations use and fits return (``True`` = keep).
+        The mask every forward pass and evaluation uses, so the one a fit returns is the one it
+        evaluated.
 
         Returns
         -------
         dict of str to torch.BoolTensor
         """
-        thr = self.threshold(exact=True)
+        thr = self.threshold()
         return {k: s.detach() > thr for k, s in zip(self.names, self.scores)}
-
-    def _count_below(self, value, inclusive=False) -> int:
-        """How many scores are below ``value`` (or equal, with ``inclusive``): one device sync."""
-        compare = torch.le if inclusive else torch.lt
-        return int(torch.stack([compare(s.detach(), value).sum() for s in self.scores]).sum())
-
-    def _band(self):
-        """Score bounds ``lo ≤ hi`` with ``#(s < lo) < n_remove ≤ #(s ≤ hi)``, narrow, from the sample.
-
-        Finding the exact cut inside a narrow band avoids sorting (or copying) all ``P`` scores.
-        """
-        sample = torch.cat([s.detach().flatten()[idx] for s, idx in zip(self.scores, self._sample)]).sort().values
-        q = self.n_remove / self.n_entries
-        for margin in (0.002, 0.01, 0.05):
-            lo = sample[max(0, int((q - margin) * len(sample)) - 1)]
-            hi = sample[min(len(sample) - 1, int((q + margin) * len(sample)) + 1)]
-            below, upto = self._count_below(lo), self._count_below(hi, inclusive=True)
-            if below < self.n_remove <= upto:
-                return lo, hi
-        device = sample.device
-        return torch.tensor(-math.inf, device=device), torch.tensor(math.inf, device=device)
