@@ -179,7 +179,7 @@ def check_heads(heads: dict, feature_dim: int, dtype=None, *, rotations: bool = 
         The encoder's floating dtype; the heads' weights must share it.
     rotations : bool, default=True
         Check that rotating the features equals rotating the first linear weight
-        (:func:`~momaestimator.merging.functional.rotation_mismatch`), which absorption relies on.
+        (:func:`~momaestimator.merging.rotation_mismatch`), which absorption relies on.
     """
     for task, head in heads.items():
         wname = first_linear_weight(head, name=f"heads[{task!r}]")

@@ -17,7 +17,7 @@ from .fit import (
     task_groups,
     teacher_targets,
 )
-from .functional import absorb_heads, clone_with_state, first_linear_weight, structure_copy
+from .functional import absorb_heads, clone_with_state, first_linear_weight, rotation_mismatch, structure_copy
 from .mask import GlobalMask, masked_merge, merge_entry, score_gradient
 from .objectives import entropy, feature_alignment, kl_to_teacher
 from .rotation import Rotations, expm, rotation_angles
@@ -50,6 +50,7 @@ __all__ = [
     "recomputed_blocks",
     "rotation_angles",
     "score_gradient",
+    "rotation_mismatch",
     "structure_copy",
     "task_arithmetic",
     "task_groups",
