@@ -100,3 +100,32 @@ def test_score_gradient_with_a_scratch_buffer_gives_the_same_bits():
     assert torch.equal(out, expected)
     assert torch.equal(scratch[:42].view(6, 7), torch.sigmoid(scores - 0.1))  # the sigmoid went there
     assert scratch[42:].isnan().all()
+
+
+def test_a_long_float32_fit_returns_rotations_orthogonal_to_float32_rounding():
+    """The exponential's squarings double float32 rounding each: the result is computed in float64."""
+    import copy
+
+    from torch import nn
+
+    from momaestimator import LinearHead, MOMAMerger
+
+    torch.manual_seed(0)
+    d = 96
+    pre = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, d))
+    experts = {}
+    for t in ("a", "b"):
+        experts[t] = copy.deepcopy(pre)
+        with torch.no_grad():
+            for p in experts[t].parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    heads = {t: LinearHead(torch.randn(5, d) * 10, torch.randn(5), normalize=True) for t in experts}
+    X = {t: torch.randn(40, 16) for t in experts}
+    merger = MOMAMerger(
+        pre, experts, heads, n_steps=60, rotation_lr=0.05, sparsity=0.2, validation_fraction=0, random_state=0
+    ).fit(X)
+    for q in merger.rotations_.values():
+        assert q.dtype == torch.float32
+        q64 = q.double()
+        assert float(torch.linalg.eigvals(q64).angle().abs().max()) > 1.0  # a large rotation: several squarings
+        assert float((q64.T @ q64 - torch.eye(d, dtype=torch.float64)).abs().max()) < 5e-7

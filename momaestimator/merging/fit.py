@@ -1037,8 +1037,10 @@ def fit_moma(
         if ctx.rotations is not None:
             for g, s in zip(ctx.rotations.parameters(), gens or ()):
                 g.copy_(s)
-            q_all = ctx.rotations.matrices()
-            rotations = {t: q_all[i].detach().cpu() for i, t in enumerate(ctx.tasks)}
+            # the learned generators' rotations in float64 (orthogonal to its rounding), then the
+            # working dtype: a float32 exponential with several squarings drifts from orthogonal
+            q_all = ctx.rotations.matrices(torch.float64, "cpu").to(ctx.rotations.generators[0].dtype)
+            rotations = {t: q_all[i].detach() for i, t in enumerate(ctx.tasks)}
         else:
             rotations = {t: torch.eye(dim, dtype=ctx.dtype) for t in ctx.tasks}
     return FitResult(

@@ -117,8 +117,15 @@ class Rotations(nn.Module):
         """
         return self._map(self.generators[index])
 
-    def matrices(self) -> torch.Tensor:
+    def matrices(self, dtype=None, device=None) -> torch.Tensor:
         """Every ``Q_t`` at once, shape ``(n_tasks, dim, dim)`` (differentiable; one batched map).
+
+        Parameters
+        ----------
+        dtype, device : optional
+            Compute the map in this dtype / on this device (default: the generators'). A fit's
+            result is computed in float64 on the CPU: the squarings of the exponential double the
+            rounding error each, so a large float32 rotation drifts from orthogonal by ~1e-5.
 
         Returns
         -------
@@ -129,7 +136,7 @@ class Rotations(nn.Module):
         >>> Rotations(3, 4).matrices().shape
         torch.Size([3, 4, 4])
         """
-        return self._map(torch.stack(list(self.generators)))
+        return self._map(torch.stack(list(self.generators)).to(dtype=dtype, device=device))
 
     def _map(self, generator: torch.Tensor) -> torch.Tensor:
         upper = generator.triu(1)
