@@ -10,12 +10,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hashlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import pickle  # noqa: E402
 import pickletools  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
+import warnings  # noqa: E402
 import zipfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -36,6 +38,7 @@ from momaestimator.checkpoints import (  # noqa: E402
     atomic_write,
     build_open_clip_encoder,
     canonical_task_name,
+    head_from_checkpoint,
     infer_open_clip_config,
     legacy_state_dict,
     load_legacy_pickle,
@@ -48,7 +51,7 @@ from momaestimator.checkpoints import (  # noqa: E402
     save_merged_model,
 )
 from momaestimator.checkpoints.cli import _build_parser, main  # noqa: E402
-from momaestimator.checkpoints.safe_pickle import loads_restricted  # noqa: E402
+from momaestimator.checkpoints.safe_pickle import loads_restricted, torch_load_restricted  # noqa: E402
 from momaestimator.models import LinearHead, MergedModel  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -191,6 +194,67 @@ def test_quick_gelu_can_be_overridden():
     assert isinstance(pretrained.transformer.resblocks[0].mlp.gelu, nn.GELU)
 
 
+def test_every_missing_file_is_listed_in_one_error_before_anything_loads(tmp_path, monkeypatch):
+    from momaestimator.checkpoints import releases
+
+    monkeypatch.setattr(releases, "_load_release", lambda *args: pytest.fail("loading started"))
+    tv = _copy_release(TV_ROOT, tmp_path / "tv")
+    shutil.rmtree(tv / TINY / "Cars")
+    (tv / TINY / "head_MNIST.pt").unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        load_task_vectors_release(tv, TINY, TV_TASKS, model_cfg=TINY_CFG)
+    assert "Cars/finetuned.pt" in str(info.value) and "head_MNIST.pt" in str(info.value)
+    assert "SUN397" not in str(info.value)
+
+    tall = _copy_release(TALL_ROOT, tmp_path / "tall")
+    shutil.rmtree(tall / TINY / "CarsVal")
+    (tall / TINY / "head_DTDVal.pt").unlink()
+    (tall / TINY / "MNISTVal" / "nonlinear_zeroshot.pt").unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        load_tall_masks_release(tall, TINY, TALL_TASKS, model_cfg=TINY_CFG)
+    for name in ("CarsVal/nonlinear_finetuned.pt", "head_DTDVal.pt", "nonlinear_zeroshot.pt"):
+        assert name in str(info.value)
+
+
+def test_paths_starting_with_a_tilde_are_expanded(tmp_path, monkeypatch, reference):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _copy_release(TV_ROOT, tmp_path)
+    _copy_release(TALL_ROOT, tmp_path)
+    pretrained, finetuned, _ = load_task_vectors_release("~/task_vectors", TINY, ["MNIST"], model_cfg=TINY_CFG)
+    with torch.no_grad():
+        torch.testing.assert_close(finetuned["MNIST"](reference["inputs"]), reference["features"]["MNIST"])
+    load_tall_masks_release("~/tall_masks", TINY, ["MNIST"], model_cfg=TINY_CFG)
+    state_file = "~/tall_masks/tiny-ViT/MNISTVal/nonlinear_finetuned.pt"
+    for loader in (read_checkpoint, load_state_dict_file, load_legacy_pickle):
+        assert "model.visual.proj" in loader(state_file)
+    load_open_clip_encoder(TINY_CFG, state_file)
+    save_merged_model(MergedModel(pretrained, {"a": LinearHead(torch.randn(2, 16))}), "~/merged", architecture=TINY_CFG)
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert load_merged_model("~/merged").tasks == ["a"]
+
+
+def _half_precision_tall_release(tmp_path: Path, zeroshot_dtype, finetuned_dtype) -> Path:
+    root = _copy_release(TALL_ROOT, tmp_path)
+    for path in (root / TINY).glob("*Val/nonlinear_*.pt"):
+        dtype = zeroshot_dtype if path.name == "nonlinear_zeroshot.pt" else finetuned_dtype
+        state = torch.load(path, weights_only=True)
+        torch.save({k: v.to(dtype) for k, v in state.items()}, path)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("zeroshot_dtype", "finetuned_dtype"),
+    [(torch.float32, torch.float16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32)],
+)
+def test_a_release_is_returned_in_the_dtype_of_its_zeroshot_checkpoint(tmp_path, zeroshot_dtype, finetuned_dtype):
+    root = _half_precision_tall_release(tmp_path, zeroshot_dtype, finetuned_dtype)
+    pretrained, finetuned, heads = load_tall_masks_release(root, TINY, TALL_TASKS, model_cfg=TINY_CFG)
+    modules = [pretrained, *finetuned.values(), *heads.values()]  # the heads are float32 pickles
+    assert {t.dtype for m in modules for t in m.state_dict().values() if t.is_floating_point()} == {zeroshot_dtype}
+    file_state = torch.load(root / TINY / "CarsVal" / "nonlinear_finetuned.pt", weights_only=True)
+    assert torch.equal(finetuned["Cars"].proj, file_state["model.visual.proj"].to(zeroshot_dtype))
+
+
 # ---------------------------------------------------------------- open_clip towers by architecture
 
 
@@ -280,6 +344,33 @@ def test_infer_open_clip_config_rebuilds_the_same_tower():
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
         k: v.shape for k, v in encoder.state_dict().items()
     }
+
+
+def test_an_in_memory_source_is_copied_not_shared(tmp_path):
+    clip = _tiny_clip()
+    state = {f"visual.{k}": v for k, v in clip.visual.state_dict().items()}
+    from_module = load_open_clip_encoder(TINY_CFG, clip)
+    from_state = load_open_clip_encoder(TINY_CFG, state)
+    before = {k: v.clone() for k, v in from_module.state_dict().items()}
+    with torch.no_grad():  # the user fine-tunes their own model in place afterwards
+        for p in clip.parameters():
+            p.add_(1.0)
+    for encoder in (from_module, from_state):
+        assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
+    assert from_module.proj.data_ptr() != clip.visual.proj.data_ptr()
+
+
+def test_wrapped_state_dicts_are_unwrapped(tmp_path):
+    clip = _tiny_clip()
+    state = {f"visual.{k}": v for k, v in clip.visual.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "trainer.pt")
+    for checkpoint in ({"state_dict": state}, {"model_state_dict": state, "step": 10}, tmp_path / "trainer.pt"):
+        encoder = load_open_clip_encoder(TINY_CFG, checkpoint)
+        with torch.no_grad():
+            assert torch.equal(encoder(x), clip.encode_image(x))
+    with pytest.raises(CheckpointError, match="mapping of names to tensors"):
+        load_open_clip_encoder(TINY_CFG, {"epoch": 3, "weights": state})
 
 
 # ---------------------------------------------------------------- safety
@@ -380,6 +471,162 @@ def test_truncated_state_dict_and_safetensors_get_the_same_error(tmp_path):
             load_state_dict_file(path)
 
 
+# TorchScript archives: torch.load(weights_only=False) hands them to torch.jit.load, which runs their code.
+
+
+class _Scripted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def _torchscript_file(path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.* is deprecated, still what such files are made with
+        torch.jit.save(torch.jit.script(_Scripted()), path)
+    return path
+
+
+def test_torchscript_archives_are_refused_before_torch_jit_load_runs(tmp_path, monkeypatch):
+    path = _torchscript_file(tmp_path / "scripted.pt")
+    calls = []
+    monkeypatch.setattr(torch.jit, "load", lambda *args, **kwargs: calls.append(args))
+    loaders = (read_checkpoint, load_legacy_pickle, load_state_dict_file, lambda p: load_open_clip_encoder(TINY_CFG, p))
+    for loader in loaders:
+        with pytest.raises(UnsafeCheckpointError, match="TorchScript") as info:
+            loader(path)
+        assert str(path) in str(info.value)
+    # The same archive as bytes: a storage of a plain pickle, or a file object.
+    data = path.read_bytes()
+    nested = b"\x80\x03ctorch.storage\n_load_from_bytes\nB" + len(data).to_bytes(4, "little") + data + b"\x85R."
+    (tmp_path / "nested.pkl").write_bytes(nested)
+    with pytest.raises(UnsafeCheckpointError, match="TorchScript"):
+        load_legacy_pickle(tmp_path / "nested.pkl")
+    with pytest.raises(UnsafeCheckpointError, match="TorchScript"):
+        torch_load_restricted(io.BytesIO(data))
+    assert calls == []
+
+
+# BUILD (set an object's state) on the shared objects find_class returns would change them for the process.
+_POISON_DEFAULTS = (  # _rebuild_tensor_v2.__defaults__ = ({"neg": True},): every later tensor load negated
+    b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__}X\x03\x00\x00\x00negI01\ns\x85s\x86b."
+)
+_POISON_LAYOUT_CACHE = (  # torch.serialization._get_layout.cache = {"torch.strided": set}
+    b"\x80\x02ctorch.serialization\n_get_layout\nN}X\x05\x00\x00\x00cache}X\x0d\x00\x00\x00torch.strided"
+    b"cbuiltins\nset\nss\x86b."
+)
+_POISON_STAND_IN_CLASS = (  # ClassificationHead stand-in class .__setstate__ = frozenset
+    b"\x80\x02csrc.modeling\nClassificationHead\nN}X\x0c\x00\x00\x00__setstate__cbuiltins\nfrozenset\ns\x86b."
+)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(_POISON_DEFAULTS, id="function-defaults"),
+        pytest.param(_POISON_LAYOUT_CACHE, id="function-attribute"),
+        pytest.param(_POISON_STAND_IN_CLASS, id="stand-in-class"),
+    ],
+)
+def test_build_on_shared_functions_and_classes_is_refused_and_changes_nothing(tmp_path, payload):
+    from momaestimator.checkpoints import safe_pickle
+
+    defaults = torch._utils._rebuild_tensor_v2.__defaults__
+    cache = dict(getattr(torch.serialization._get_layout, "cache", {}))
+    with pytest.raises(UnsafeCheckpointError, match="BUILD"):
+        loads_restricted(payload)
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(payload)
+    with pytest.raises(UnsafeCheckpointError, match="evil.pkl"):
+        read_checkpoint(path)
+    # The same pickle as the data.pkl of a torch.save archive: its globals are all torch's allowed ones.
+    archive = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2)}, tmp_path / "genuine.pt")
+    with zipfile.ZipFile(tmp_path / "genuine.pt") as src, zipfile.ZipFile(archive, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, payload if info.filename.endswith("/data.pkl") else src.read(info))
+    with pytest.raises(UnsafeCheckpointError, match="evil.pt"):
+        read_checkpoint(archive)
+
+    assert torch._utils._rebuild_tensor_v2.__defaults__ == defaults
+    assert dict(getattr(torch.serialization._get_layout, "cache", {})) == cache
+    assert all("__setstate__" not in vars(cls) for cls in safe_pickle._STAND_IN_CLASSES.values())
+    genuine = tmp_path / "state.pt"
+    torch.save({"w": torch.tensor([1.0, 2.0, 3.0])}, genuine)
+    for loader in (read_checkpoint, load_legacy_pickle, lambda p: torch.load(p, weights_only=True)):
+        assert torch.equal(loader(genuine)["w"], torch.tensor([1.0, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_plain_pickles_of_every_protocol_load_with_their_state(tmp_path, protocol):
+    # The task_vectors code's older files are pickle.dump(module): protocol 2 stores bytes through
+    # _codecs.encode, protocols 0 and 1 have no 0x80 header and are still pickles, not corrupt files.
+    head = nn.Linear(16, 3)
+    head.normalize = True
+    head.temperature = np.float64(0.07)  # a numpy scalar attribute: a numpy dtype is BUILT
+    path = tmp_path / f"head_p{protocol}.pt"
+    path.write_bytes(pickle.dumps(head, protocol=protocol))
+    for loader in (load_legacy_pickle, read_checkpoint):
+        loaded = loader(path)
+        assert isinstance(loaded, LegacyObject) and loaded.temperature == 0.07
+        converted = head_from_checkpoint(loaded)
+        assert converted.normalize and torch.equal(converted.weight, head.weight.detach())
+    state = tmp_path / f"state_p{protocol}.pt"
+    torch.save(head.state_dict(), state, _use_new_zipfile_serialization=False, pickle_protocol=max(protocol, 1))
+    # torch's weights_only unpickler (load_state_dict_file) reads only its own default, protocol 2.
+    for loader in (read_checkpoint, load_legacy_pickle) + ((load_state_dict_file,) if protocol == 2 else ()):
+        loaded = loader(state)
+        assert torch.equal(loaded["bias"], head.bias.detach())
+    # OrderedDict state (a state dict's _metadata) is still restored.
+    assert load_legacy_pickle(state)._metadata == head.state_dict()._metadata
+
+
+def _write_safetensors(path: Path, tensors: dict, header_length: int) -> Path:
+    """A safetensors file written by hand, its JSON header padded with spaces to ``header_length`` bytes."""
+    header, blobs, offset = {}, [], 0
+    for name, tensor in tensors.items():
+        data = tensor.detach().contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    assert len(text) <= header_length
+    path.write_bytes(header_length.to_bytes(8, "little") + text.ljust(header_length) + b"".join(blobs))
+    return path
+
+
+@pytest.mark.parametrize("first_byte", [0x80, 0x3C, 0x7B])  # a pickle's header, "<" of an HTML page, "{"
+def test_safetensors_files_are_recognised_whatever_their_header_length(tmp_path, first_byte):
+    from safetensors.torch import load_file
+
+    state = {f"visual.{k}": v for k, v in _tiny_clip().visual.state_dict().items()}
+    path = _write_safetensors(tmp_path / "w.safetensors", state, 0x1000 + first_byte)
+    assert path.read_bytes()[0] == first_byte
+    assert load_file(path).keys() == state.keys()  # a valid file
+    for loader in (read_checkpoint, load_state_dict_file, load_legacy_pickle):
+        loaded = loader(path)
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    encoder = load_open_clip_encoder(TINY_CFG, path)
+    assert torch.equal(encoder.proj, state["visual.proj"])
+
+
+def test_safetensors_from_the_writer_with_a_0x80_header_length(tmp_path):
+    from safetensors.torch import save_file
+
+    head = {"weight": torch.randn(5, 16), "bias": torch.zeros(5)}
+    path = tmp_path / "head.safetensors"
+    for pad in range(300):  # the writer aligns its header to 8 bytes: 0x80 is reachable
+        save_file(head, path, metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert torch.equal(read_checkpoint(path)["weight"], head["weight"])
+    assert head_from_checkpoint(read_checkpoint(path)).out_features == 5
+
+
 # ---------------------------------------------------------------- saving
 
 
@@ -467,6 +714,13 @@ def test_truncated_merged_model_gets_a_clear_error(tmp_path, tv_release):
         load_merged_model(out)
 
 
+def test_loading_another_file_as_a_merged_model_says_it_is_not_one(tmp_path):
+    path = TV_ROOT / TINY / "zeroshot.pt"
+    with pytest.raises(CheckpointError, match="not a merged model") as info:
+        load_merged_model(path)
+    assert not isinstance(info.value, CorruptCheckpointError) and str(path) in str(info.value)
+
+
 # ---------------------------------------------------------------- with MOMAMerger
 
 
@@ -482,6 +736,30 @@ def test_merger_fits_on_a_loaded_release_and_its_merged_model_round_trips(tmp_pa
     loaded = load_merged_model(out)
     for key, value in merged.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+@pytest.mark.parametrize(
+    ("root", "finetuned_file"),
+    [(TV_ROOT, "{task}/finetuned.pt"), (TALL_ROOT, "{task}Val/nonlinear_finetuned.pt")],
+    ids=["task_vectors whole-object pickles", "tall_masks model.* state dicts"],
+)
+def test_release_files_as_lazy_expert_paths_give_the_fit_of_the_loaded_modules(tv_release, root, finetuned_file):
+    from momaestimator.merger import MOMAMerger
+
+    pretrained, finetuned, heads = tv_release
+    paths = {t: root / TINY / finetuned_file.format(task=t) for t in TV_TASKS if t != "SUN397"}
+    if root is TALL_ROOT:
+        _, finetuned, _ = load_tall_masks_release(TALL_ROOT, TINY, list(paths), model_cfg=TINY_CFG)
+    heads = {t: heads[t] for t in paths}
+    generator = torch.Generator().manual_seed(0)
+    data = {t: torch.randn(6, 3, 32, 32, generator=generator) for t in paths}
+    fit = {"n_steps": 2, "batch_size": 3, "random_state": 0, "validation_fraction": 0.0}
+    lazy = MOMAMerger(pretrained, paths, heads, **fit).fit(data)  # file formats read onto the tower's keys
+    eager = MOMAMerger(pretrained, {t: finetuned[t] for t in paths}, heads, **fit).fit(data)
+    assert all(torch.equal(lazy.mask_[k], eager.mask_[k]) for k in eager.mask_)
+    assert all(torch.equal(lazy.rotations_[t], eager.rotations_[t]) for t in paths)
+    merged = lazy.merged_state_dict()
+    assert all(torch.equal(merged[k], v) for k, v in eager.merged_state_dict().items())
 
 
 # ---------------------------------------------------------------- the command
@@ -555,6 +833,146 @@ def test_merge_command_reports_missing_checkpoints_without_a_traceback(tmp_path,
         main(args)
     assert info.value.code == 2
     assert "DTD/finetuned.pt" in capsys.readouterr().err
+
+
+def _npz(path: Path, names=("sun397", "cars", "mnist"), n=4) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(path, **{name: rng.standard_normal((n, 3, 32, 32)).astype(np.float32) for name in names})
+    return path
+
+
+def _command(tmp_path: Path, *extra: str, release="task_vectors", root=TV_ROOT, tasks=TV_TASKS) -> list[str]:
+    args = ["merge", "--release", release, "--root", str(root), "--model", TINY]
+    args += ["--model-config", str(FIXTURES / "tiny-ViT.json"), "--tasks", *tasks]
+    args += ["--data", str(_npz(tmp_path / "data.npz")), "--out", str(tmp_path / "out"), "--n-steps", "1", "--quiet"]
+    return args + list(extra)
+
+
+def _replace(args: list[str], option: str, *values: str) -> list[str]:
+    """``args`` with the values of ``option`` replaced (or the option removed when no values are given)."""
+    i = args.index(option)
+    end = i + 1
+    while end < len(args) and not args[end].startswith("--"):
+        end += 1
+    return args[:i] + ([option, *values] if values else []) + args[end:]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    from momaestimator.checkpoints import cli
+
+    for name in list(cli._RELEASES):
+        monkeypatch.setitem(cli._RELEASES, name, lambda *a, **k: pytest.fail("a checkpoint was loaded"))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--sparsity", "1.5"),
+        ("--sparsity", "-0.2"),
+        ("--sparsity", "nan"),
+        ("--batch-size", "0"),
+        ("--max-per-task", "-1"),
+        ("--max-per-task", "0"),
+        ("--n-steps", "-3"),
+        ("--n-steps", "two"),
+        ("--seed", "-1"),
+    ],
+)
+def test_merge_command_rejects_out_of_range_parameters_when_parsing(tmp_path, capsys, no_loading, option, value):
+    with pytest.raises(SystemExit) as info:
+        main(_command(tmp_path, option, value))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}:" in err and value in err and "Traceback" not in err
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    args = _command(tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "partial.json").write_text('{"embed_dim": 16}')
+    (tmp_path / "a_file").write_text("x")
+    no_gpu = f"cuda:{torch.cuda.device_count()}"
+    return {
+        "unknown architecture": (_replace(_replace(args, "--model", "NotAnArch"), "--model-config"), "NotAnArch"),
+        "task count for task_vectors": (_replace(args, "--tasks", "8"), "--tasks 8"),
+        "invalid JSON": (_replace(args, "--model-config", str(tmp_path / "bad.json")), "not valid JSON"),
+        "missing config": (_replace(args, "--model-config", str(tmp_path / "nope.json")), "nope.json"),
+        "config without vision_cfg": (_replace(args, "--model-config", str(tmp_path / "partial.json")), "vision_cfg"),
+        "out is a file": (_replace(args, "--out", str(tmp_path / "a_file")), "a_file"),
+        "out under a file": (_replace(args, "--out", str(tmp_path / "a_file" / "out")), "a_file"),
+        "no such GPU": (args + ["--device", no_gpu], f"--device {no_gpu}"),
+        "not a device": (args + ["--device", "gpu-please"], "gpu-please"),
+        "missing data": (_replace(args, "--data", str(tmp_path / "nope")), "nope"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown architecture",
+        "task count for task_vectors",
+        "invalid JSON",
+        "missing config",
+        "config without vision_cfg",
+        "out is a file",
+        "out under a file",
+        "no such GPU",
+        "not a device",
+        "missing data",
+    ],
+)
+def test_merge_command_reports_bad_inputs_before_loading_without_a_traceback(tmp_path, capsys, no_loading, case):
+    args, expected = _bad_inputs(tmp_path)[case]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("momaestimator: error: ") and expected in err and "Traceback" not in err
+
+
+def test_merge_command_reports_release_errors_without_a_traceback(tmp_path, capsys):
+    args = _command(tmp_path, release="tall_masks", root=TALL_ROOT, tasks=["9"])
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("momaestimator: error: ") and "8, 14, 20" in err
+
+
+def test_merge_command_on_a_half_precision_release(tmp_path, capsys):
+    root = _half_precision_tall_release(tmp_path, torch.float16, torch.float16)
+    args = _command(tmp_path, release="tall_masks", root=root, tasks=TALL_TASKS)
+    args = _replace(args, "--data", str(_npz(tmp_path / "half.npz", names=("cars", "dtd", "mnist"))))
+    assert main(args) == 0
+    _check_command_output(tmp_path / "out", capsys.readouterr().out, TALL_TASKS)
+    assert load_merged_model(tmp_path / "out").encoder.proj.dtype == torch.float16
+
+
+def test_merge_command_expands_a_tilde_in_paths(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _copy_release(TV_ROOT, tmp_path)
+    shutil.copy(FIXTURES / "tiny-ViT.json", tmp_path / "tiny.json")
+    args = _command(tmp_path)
+    for option, value in (("--root", "~/task_vectors"), ("--model-config", "~/tiny.json")):
+        args = _replace(args, option, value)
+    args = _replace(_replace(args, "--data", "~/data.npz"), "--out", "~/out")
+    assert main(args) == 0
+    _check_command_output(tmp_path / "out", capsys.readouterr().out, TV_TASKS)
+
+
+def test_python_dash_m_momaestimator_runs_the_command(capsys, monkeypatch):
+    import runpy
+
+    import momaestimator
+
+    # What ``python -m momaestimator`` runs (run_path: pytest's import hook may own the module).
+    main_file = Path(momaestimator.__file__).parent / "__main__.py"
+    monkeypatch.setattr(sys, "argv", ["momaestimator", "merge", "--help"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(main_file), run_name="__main__")
+    assert info.value.code == 0
+    assert "--release" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- real size: ViT-B-32, 8 tasks

@@ -18,6 +18,7 @@ from momaestimator.checkpoints.openclip import (
     build_open_clip_encoder,
     infer_open_clip_config,
     load_open_clip_encoder,
+    matching_state,
     open_clip_model_config,
 )
 from momaestimator.checkpoints.releases import (
@@ -49,6 +50,7 @@ __all__ = [
     "load_state_dict_file",
     "load_tall_masks_release",
     "load_task_vectors_release",
+    "matching_state",
     "open_clip_model_config",
     "read_checkpoint",
     "save_merged_model",

@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ import torch
 from momaestimator.checkpoints.errors import CheckpointError
 from momaestimator.checkpoints.files import atomic_write
 from momaestimator.checkpoints.merged import save_merged_model
+from momaestimator.checkpoints.openclip import open_clip_model_config
 from momaestimator.checkpoints.releases import (
     canonical_task_name,
     load_tall_masks_release,
@@ -35,6 +38,37 @@ __all__ = ["main"]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 _RELEASES = {"task_vectors": load_task_vectors_release, "tall_masks": load_tall_masks_release}
+
+
+class _CommandError(Exception):
+    """A problem with the command's input, reported as ``momaestimator: error: ...`` (exit status 2)."""
+
+
+def _path(text: str) -> Path:
+    return Path(text).expanduser()
+
+
+def _number(kind, low=None, high=None, *, high_open=False):
+    """An argparse ``type`` reading an int or a float within ``[low, high]`` (``high`` excluded if ``high_open``)."""
+    if high is None:
+        interval = f">= {low}"
+    else:
+        interval = f"in [{low}, {high}{')' if high_open else ']'}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'} {interval}, got {text!r}"
+            ) from None
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or (low is not None and value < low) or too_high:
+            raise argparse.ArgumentTypeError(f"must be {interval}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -68,7 +102,7 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--root",
         required=True,
-        type=Path,
+        type=_path,
         metavar="DIR",
         help="folder holding one sub-folder per architecture",
     )
@@ -80,7 +114,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument(
         "--model-config",
-        type=Path,
+        type=_path,
         default=None,
         metavar="JSON",
         help="JSON open_clip model config (embed_dim, vision_cfg) for an architecture open_clip does not name",
@@ -96,33 +130,33 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--data",
         required=True,
-        type=Path,
+        type=_path,
         metavar="DIR_OR_NPZ",
         help="unlabeled data: a folder with one image sub-folder per task (<data>/<Task>/*.png|jpg, "
         "resized and normalised with the architecture's open_clip transform), or an .npz with one "
         "float array (n, 3, H, W) per task, already preprocessed",
     )
-    merge.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder for the merged model")
+    merge.add_argument("--out", required=True, type=_path, metavar="DIR", help="output folder for the merged model")
     merge.add_argument(
         "--max-per-task",
-        type=int,
+        type=_number(int, 1),
         default=None,
         metavar="N",
         help="use at most N samples per task (default: all)",
     )
     merge.add_argument(
         "--sparsity",
-        type=float,
+        type=_number(float, 0.0, 1.0, high_open=True),
         default=0.1,
         metavar="F",
         help="fraction of the multi-task vector the mask removes, in [0, 1) (default: %(default)s)",
     )
     merge.add_argument(
-        "--n-steps", type=int, default=100, metavar="N", help="optimisation steps (default: %(default)s)"
+        "--n-steps", type=_number(int, 0), default=100, metavar="N", help="optimisation steps (default: %(default)s)"
     )
     merge.add_argument(
         "--batch-size",
-        type=int,
+        type=_number(int, 1),
         default=16,
         metavar="N",
         help="samples per task per step (default: %(default)s)",
@@ -134,7 +168,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument(
         "--seed",
-        type=int,
+        type=_number(int, 0, 2**32 - 1),
         default=0,
         metavar="N",
         help="random seed; same seed, same CPU result (default: %(default)s)",
@@ -158,15 +192,20 @@ def _task_for(name: str, tasks: list[str]) -> str | None:
 
 def _load_npz(path: Path, tasks: list[str]) -> dict[str, torch.Tensor]:
     data = {}
-    with np.load(path, allow_pickle=False) as arrays:
-        for name in arrays.files:
-            task = _task_for(name, tasks)
-            if task is None:
-                continue
-            array = arrays[name]
-            if array.ndim != 4 or array.shape[1] != 3 or not np.issubdtype(array.dtype, np.floating):
-                raise SystemExit(f"{path}: array {name!r} must be float (n, 3, H, W), got {array.dtype} {array.shape}")
-            data[task] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            for name in arrays.files:
+                task = _task_for(name, tasks)
+                if task is None:
+                    continue
+                array = arrays[name]
+                if array.ndim != 4 or array.shape[1] != 3 or not np.issubdtype(array.dtype, np.floating):
+                    raise _CommandError(
+                        f"{path}: array {name!r} must be float (n, 3, H, W), got {array.dtype} {array.shape}"
+                    )
+                data[task] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise _CommandError(f"--data {path}: cannot read it as an .npz file of float arrays ({err})") from err
     return data
 
 
@@ -182,11 +221,14 @@ def _load_image_folder(path: Path, tasks: list[str], image_size, max_per_task) -
             continue
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:max_per_task]
         if not files:
-            raise SystemExit(f"{folder}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+            raise _CommandError(f"{folder}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
         images = []
         for file in files:
-            with Image.open(file) as image:
-                images.append(transform(image.convert("RGB")))
+            try:
+                with Image.open(file) as image:
+                    images.append(transform(image.convert("RGB")))
+            except OSError as err:  # PIL.UnidentifiedImageError included
+                raise _CommandError(f"{file}: cannot read the image ({err})") from err
         data[task] = torch.stack(images)
     return data
 
@@ -199,10 +241,10 @@ def _load_data(args, tasks: list[str], image_size) -> dict[str, torch.Tensor]:
     elif args.data.is_dir():
         data = _load_image_folder(args.data, tasks, image_size, args.max_per_task)
     else:
-        raise SystemExit(f"--data {args.data}: expected an image folder or an .npz file")
+        raise _CommandError(f"--data {args.data}: expected an image folder or an .npz file")
     missing = [t for t in tasks if t not in data]
     if missing:
-        raise SystemExit(f"--data {args.data} has no samples for tasks {missing}; it must cover {tasks}")
+        raise _CommandError(f"--data {args.data} has no samples for tasks {missing}; it must cover {tasks}")
     return {t: data[t] for t in tasks}
 
 
@@ -214,10 +256,18 @@ def _on(module, device):
     return copy.deepcopy(module).to(device)
 
 
+def _floating_dtype(module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
 @torch.no_grad()
 def _predict(encoder, head, x: torch.Tensor, device, batch_size: int) -> torch.Tensor:
     encoder, head = _on(encoder, device).eval(), _on(head, device).eval()
-    preds = [head(encoder(batch.to(device))).argmax(-1).cpu() for batch in x.split(max(batch_size, 1))]
+    # Images are float32; a release saved in half precision needs them in its dtype.
+    dtype = _floating_dtype(encoder)
+    preds = [
+        head(encoder(batch.to(device=device, dtype=dtype))).argmax(-1).cpu() for batch in x.split(max(batch_size, 1))
+    ]
     return torch.cat(preds)
 
 
@@ -232,16 +282,92 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _merge(args) -> int:
-    from momaestimator.merger import MOMAMerger
+def _read_model_config(args) -> dict | None:
+    """The --model-config JSON, or ``None`` when --model is an open_clip name; checked either way."""
+    if args.model_config is None:
+        try:
+            open_clip_model_config(args.model)
+        except ValueError as err:
+            raise _CommandError(
+                f"--model {args.model}: {err}; for an architecture open_clip does not name, pass its config "
+                "with --model-config"
+            ) from None
+        return None
+    try:
+        cfg = json.loads(args.model_config.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise _CommandError(f"--model-config {args.model_config}: cannot read it ({err.strerror or err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _CommandError(f"--model-config {args.model_config} is not valid JSON: {err}") from None
+    try:
+        open_clip_model_config(cfg)
+    except (TypeError, ValueError) as err:
+        raise _CommandError(f"--model-config {args.model_config}: {err}") from None
+    return cfg
 
-    model_cfg = json.loads(args.model_config.read_text()) if args.model_config is not None else None
+
+def _check_device(text: str) -> None:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as err:
+        raise _CommandError(f"--device {text!r} is not a torch device ({err})") from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise _CommandError(f"--device {text}: no CUDA GPU is available here")
+        if device.index is not None and device.index >= count:
+            available = ", ".join(f"cuda:{i}" for i in range(count))
+            raise _CommandError(f"--device {text}: there is no such GPU; available: {available}")
+        return
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise _CommandError(f"--device {text}: not usable here ({err})") from None
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise _CommandError(f"--out {out} exists and is not a folder")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise _CommandError(f"--out {out}: {parent} is a file, not a folder")
+
+
+def _check_inputs(args) -> tuple[dict | None, list[str] | int | None]:
+    """Check everything that can be checked before loading a checkpoint; return (model_cfg, tasks)."""
+    model_cfg = _read_model_config(args)
     tasks = args.tasks
     if tasks is not None and len(tasks) == 1 and tasks[0].isdigit():
         tasks = int(tasks[0])
+        if args.release != "tall_masks":
+            raise _CommandError(
+                f"--tasks {tasks}: a number of tasks (8, 14 or 20) is for --release tall_masks; "
+                f"name the tasks for --release {args.release}"
+            )
+    if not (args.data.is_dir() or args.data.is_file()):
+        raise _CommandError(f"--data {args.data} does not exist")
+    if args.data.is_file() and args.data.suffix != ".npz":
+        raise _CommandError(f"--data {args.data}: expected an image folder or an .npz file")
+    _check_out(args.out)
+    _check_device(args.device)
+    return model_cfg, tasks
+
+
+def _merge(args) -> int:
+    from momaestimator.merger import MOMAMerger
+
+    model_cfg, tasks = _check_inputs(args)
     start = time.perf_counter()
     _log(args, f"loading the {args.release} release from {args.root / args.model} ...")
-    pretrained, finetuned, heads = _RELEASES[args.release](args.root, args.model, tasks, model_cfg=model_cfg)
+    try:
+        pretrained, finetuned, heads = _RELEASES[args.release](args.root, args.model, tasks, model_cfg=model_cfg)
+    except (OSError, ValueError) as err:
+        # Missing, unreadable or mismatched checkpoints and bad task names (CheckpointError is a ValueError).
+        raise _CommandError(str(err)) from err
     names = list(finetuned)
     _log(args, f"loaded {len(names)} tasks ({', '.join(names)}) in {time.perf_counter() - start:.1f} s")
 
@@ -280,7 +406,10 @@ def _merge(args) -> int:
     print(_table(rows))
 
     architecture = model_cfg if model_cfg is not None else args.model
-    save_merged_model(merged, args.out, architecture=architecture)
+    try:
+        save_merged_model(merged, args.out, architecture=architecture)
+    except OSError as err:
+        raise _CommandError(f"--out {args.out}: cannot write the merged model ({err})") from err
     summary = {
         "release": args.release,
         "model": args.model,
@@ -288,7 +417,10 @@ def _merge(args) -> int:
         "params": {k: v for k, v in merger.get_params(deep=False).items() if isinstance(v, (int, float, str))},
         "agreement": rows,
     }
-    atomic_write(args.out / "merge_report.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    try:
+        atomic_write(args.out / "merge_report.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    except OSError as err:
+        raise _CommandError(f"--out {args.out}: cannot write merge_report.json ({err})") from err
     _log(args, f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -311,8 +443,9 @@ def main(argv=None) -> int:
     try:
         if args.command == "merge":
             return _merge(args)
-    except (FileNotFoundError, CheckpointError) as err:
-        # Missing or unreadable checkpoints are the user's to fix: a message, not a traceback.
+    except (_CommandError, FileNotFoundError, CheckpointError) as err:
+        # Bad arguments, missing or unreadable checkpoints and data are the user's to fix:
+        # a message, not a traceback.
         parser.exit(2, f"momaestimator: error: {err}\n")
     return 2
 

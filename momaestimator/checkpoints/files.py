@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import pickle
+import pickletools
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 
 from momaestimator._io import atomic_write
 from momaestimator.checkpoints.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
-from momaestimator.checkpoints.safe_pickle import RestrictedUnpickler, torch_load_restricted
+from momaestimator.checkpoints.safe_pickle import RestrictedUnpickler, torch_load_restricted, torchscript_entries
 
 __all__ = ["atomic_write", "load_legacy_pickle", "load_state_dict_file", "read_checkpoint"]
 
@@ -25,29 +27,70 @@ def _corrupt(path: Path, what: str, cause: BaseException | None = None) -> Corru
     return CorruptCheckpointError(f"{path} ({size} bytes) {what}{detail}; {_REDOWNLOAD}.")
 
 
+# Opcodes a protocol 0 or 1 pickle (no PROTO header) starts with: MARK, EMPTY_DICT, EMPTY_LIST,
+# EMPTY_TUPLE, GLOBAL, and the integers, strings and None a first object can be.
+_OLD_PICKLE_STARTS = frozenset(b"(})]cLIJKMNSVXFGUT")
+
+
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    # An 8-byte little-endian header length that fits in the file, then the JSON header.
+    if len(head) < 10 or head[8:9] != b"{":
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return 2 <= length <= size - 8
+
+
+def _looks_like_old_pickle(head: bytes) -> bool:
+    """A protocol 0 or 1 pickle: no 0x80 header, so its first opcodes must parse."""
+    if head[:1] == b"" or head[0] not in _OLD_PICKLE_STARTS:
+        return False
+    try:
+        for count, _ in enumerate(pickletools.genops(io.BytesIO(head)), start=1):
+            if count >= 4:
+                return True
+    except Exception:  # not a pickle, or the head ends inside an opcode
+        return False
+    return True  # the whole (tiny) file parsed
+
+
 def _sniff(path: Path) -> str:
-    """Tell the file format from its first bytes: 'zip', 'pickle', 'safetensors'."""
+    """Tell the file format from its first bytes: 'zip', 'pickle', 'safetensors'.
+
+    Raises :class:`UnsafeCheckpointError` for a TorchScript archive (which ``torch.load``
+    would hand to ``torch.jit.load``, running its code) before anything is deserialized.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(64)
+        head = f.read(1024)
     if not head:
         raise _corrupt(path, "is empty")
     if head.startswith(_ZIP_MAGIC):
         # The central directory sits at the end of a zip: a truncated file has none.
         if not zipfile.is_zipfile(path):
             raise _corrupt(path, "is a truncated or damaged zip archive (torch.save format)")
+        entries = torchscript_entries(path)
+        if entries:
+            raise UnsafeCheckpointError(
+                f"refused to load {path}: it is a TorchScript archive (it holds {entries[0]}), not a torch.save "
+                "checkpoint; loading it would run the code it contains. If you trust this file, load it with "
+                "torch.jit.load yourself and pass its state_dict() instead."
+            )
         return "zip"
+    # Before the pickle test: a safetensors header length can start with any byte, 0x80 included.
+    if _looks_like_safetensors(head, size):
+        return "safetensors"
     if head.startswith(b"version https://git-lfs"):
         raise CorruptCheckpointError(
             f"{path} is a Git LFS pointer, not the checkpoint: fetch the file itself (git lfs pull) or {_REDOWNLOAD}."
         )
     if head.lstrip()[:1] == b"<":
         raise _corrupt(path, "looks like an HTML/XML page, not a checkpoint (a failed download?)")
-    if head[:1] == b"\x80":
+    if head[:1] == b"\x80" or _looks_like_old_pickle(head):
         return "pickle"
-    if len(head) > 8 and head[8:9] == b"{":
-        return "safetensors"
+    if head[8:9] == b"{":
+        return "safetensors"  # a header longer than the file: the safetensors reader reports it
     raise _corrupt(path, "is not a torch.save archive, a pickle or a safetensors file")
 
 
@@ -104,7 +147,7 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
     ...     load_state_dict_file(f"{tmp}/w.pt")
     {'w': tensor([1., 1.])}
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     kind = _sniff(path)
     if kind == "safetensors":
         return _load_safetensors(path)
@@ -143,13 +186,20 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise _corrupt(path, "is not a readable safetensors file", err) from err
 
 
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def _is_tensor_mapping(obj) -> bool:
+    return isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def _as_tensor_dict(obj, path) -> dict[str, torch.Tensor]:
-    # Some trainers wrap the weights: {"state_dict": {...}}.
-    if isinstance(obj, Mapping) and len(obj) == 1:
-        (only,) = obj.values()
-        if isinstance(only, Mapping) and next(iter(obj)) in ("state_dict", "model", "model_state_dict"):
-            obj = only
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    # Some trainers wrap the weights: {"state_dict": {...}}, possibly next to {"epoch": ...}.
+    if isinstance(obj, Mapping) and not _is_tensor_mapping(obj):
+        wrapped = next((obj[k] for k in _WRAPPER_KEYS if k in obj and _is_tensor_mapping(obj[k])), None)
+        if wrapped is not None:
+            obj = wrapped
+    if not _is_tensor_mapping(obj):
         raise CheckpointError(f"{path} does not hold a mapping of names to tensors (got {type(obj).__name__})")
     return dict(obj)
 
@@ -192,7 +242,7 @@ def load_legacy_pickle(path):
     >>> sorted(legacy_state_dict(obj))
     ['bias', 'weight']
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     kind = _sniff(path)
     if kind == "safetensors":
         return _load_safetensors(path)
@@ -251,13 +301,18 @@ def read_checkpoint(path):
     ...     sorted(read_checkpoint(path))
     ['bias', 'weight']
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     kind = _sniff(path)
     if kind == "safetensors":
         return _load_safetensors(path)
     if kind == "zip" and not _unsafe_globals_or_unknown(path):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            # Only torch's own globals, used in a way its weights-only unpickler refuses: the
+            # restricted unpickler tells what is wrong (or loads what is merely unusual).
+            if "Weights only load failed" not in str(err):
+                raise _corrupt(path, "could not be read", err) from err
         except Exception as err:
             if _is_corruption(err):
                 raise _corrupt(path, "could not be read", err) from err

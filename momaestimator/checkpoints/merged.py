@@ -137,7 +137,7 @@ def save_merged_model(model: MergedModel, path, *, architecture=None) -> Path:
             tensor = tensor.clone()
         seen.add(ptr)
         tensors[key] = tensor
-    path = Path(path)
+    path = Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2)
     atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"momaestimator": text}))
@@ -163,8 +163,8 @@ def load_merged_model(path) -> MergedModel:
     CorruptCheckpointError
         If the weights file is truncated or corrupt.
     CheckpointError
-        If the file is not a momaestimator merged model or its tensors do not match its
-        description.
+        If the file is not a momaestimator merged model (not a safetensors file, or one
+        without its description) or its tensors do not match its description.
 
     Examples
     --------
@@ -182,9 +182,15 @@ def load_merged_model(path) -> MergedModel:
     """
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
+    path = Path(path).expanduser()
     weights = path / WEIGHTS_FILE if path.is_dir() else path
-    _sniff(weights)
+    kind = _sniff(weights)
+    if kind != "safetensors":
+        raise CheckpointError(
+            f"{weights} is not a merged model: save_merged_model writes a safetensors file ({WEIGHTS_FILE}), "
+            f"this is a {'torch.save archive' if kind == 'zip' else 'pickle'}. Load checkpoints with "
+            "load_open_clip_encoder or the release loaders."
+        )
     try:
         with safe_open(weights, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}

@@ -19,7 +19,7 @@ from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
 from momaestimator.checkpoints.errors import CheckpointError
-from momaestimator.checkpoints.files import read_checkpoint
+from momaestimator.checkpoints.files import _as_tensor_dict, read_checkpoint
 from momaestimator.checkpoints.safe_pickle import LegacyObject, legacy_modules, legacy_state_dict
 
 __all__ = [
@@ -69,7 +69,8 @@ def open_clip_model_config(model) -> dict:
         cfg = open_clip.get_model_config(model)
         if cfg is None:
             close = difflib.get_close_matches(model, open_clip.list_models(), n=5)
-            raise ValueError(f"unknown open_clip architecture {model!r}; close matches: {close}")
+            hint = f"; close matches: {close}" if close else ""
+            raise ValueError(f"unknown open_clip architecture {model!r}{hint}")
         return copy.deepcopy(cfg)
     if isinstance(model, Mapping):
         if "vision_cfg" not in model or "embed_dim" not in model:
@@ -173,7 +174,9 @@ def _describe_vit(visual: Mapping) -> str:
     return f" The checkpoint holds a ViT with {found} and embed_dim={embed}{guess}."
 
 
-def encoder_from_state_dict(model, state: Mapping, *, quick_gelu=None, strict=True, source="state dict") -> nn.Module:
+def encoder_from_state_dict(
+    model, state: Mapping, *, quick_gelu=None, strict=True, source="state dict", copy_tensors=False
+) -> nn.Module:
     """Build the image tower of ``model`` and assign the tower's tensors from ``state``.
 
     ``state`` may be the tower's own state dict or that of a wrapper (``visual.*``,
@@ -191,11 +194,14 @@ def encoder_from_state_dict(model, state: Mapping, *, quick_gelu=None, strict=Tr
         Refuse keys that are neither the tower's nor known text-tower leftovers.
     source : str, default="state dict"
         Where ``state`` came from, for error messages.
+    copy_tensors : bool, default=False
+        Copy the tower's tensors instead of assigning them, so that the tower shares no
+        storage with ``state``.
 
     Returns
     -------
     torch.nn.Module
-        The tower in eval mode, holding the checkpoint's tensors (not copies).
+        The tower in eval mode, holding the checkpoint's tensors (copies if ``copy_tensors``).
     """
     encoder = build_open_clip_encoder(model, quick_gelu=quick_gelu, device="meta")
     expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
@@ -230,7 +236,8 @@ def encoder_from_state_dict(model, state: Mapping, *, quick_gelu=None, strict=Tr
                 shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
                 lines.append(f"  {title}: {shown}")
         raise CheckpointError("\n".join(lines) + _describe_vit(visual))
-    encoder.load_state_dict({k: visual[k] for k in expected}, strict=True, assign=True)
+    tensors = {k: visual[k].detach().clone() if copy_tensors else visual[k] for k in expected}
+    encoder.load_state_dict(tensors, strict=True, assign=True)
     for name, tensor in [*encoder.named_parameters(), *encoder.named_buffers()]:
         if tensor.is_meta:  # a non-persistent buffer the checkpoint cannot provide
             raise CheckpointError(f"{source}: {name} was not filled from the checkpoint")
@@ -270,10 +277,43 @@ def checkpoint_state(checkpoint) -> tuple[dict, bool | None, str]:
                 quick = False
         return checkpoint.state_dict(), quick, source
     if isinstance(checkpoint, Mapping):
-        if not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            raise CheckpointError(f"{source} is a mapping but not of names to tensors")
-        return dict(checkpoint), None, source
+        # A state dict, or one wrapped by a trainer ({"state_dict": {...}, "epoch": ...}).
+        return _as_tensor_dict(checkpoint, source), None, source
     raise CheckpointError(f"{source} holds a {type(checkpoint).__name__}, not a state dict or module")
+
+
+def matching_state(checkpoint, reference: Mapping) -> dict:
+    """The tensors of any supported checkpoint under the names of ``reference``'s entries.
+
+    Reads what :func:`load_open_clip_encoder` reads (safetensors and ``torch.save`` files, the
+    releases' whole-object pickles, state dicts, modules) and removes a wrapper's key prefix
+    (``visual.``, ``model.visual.``, ``module.``...) found by matching the names and shapes of
+    ``reference``; entries outside that prefix (a text tower) are left out.
+
+    Parameters
+    ----------
+    checkpoint : str, os.PathLike, mapping or torch.nn.Module
+        The checkpoint.
+    reference : mapping of str to torch.Tensor
+        The state dict whose names are wanted (e.g. the pretrained encoder's).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Every entry under the prefix, renamed; compare it with ``reference`` for missing or
+        unexpected entries.
+
+    Examples
+    --------
+    >>> import torch
+    >>> lin = torch.nn.Linear(2, 1)
+    >>> wrapped = {"model.visual." + k: v for k, v in lin.state_dict().items()} | {"text.w": torch.ones(1)}
+    >>> sorted(matching_state(wrapped, lin.state_dict()))
+    ['bias', 'weight']
+    """
+    state, _, _ = checkpoint_state(checkpoint)
+    prefix = _split_prefix(state, {k: tuple(v.shape) for k, v in reference.items()})
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def load_open_clip_encoder(model, checkpoint, *, quick_gelu=None, strict=True) -> nn.Module:
@@ -299,7 +339,9 @@ def load_open_clip_encoder(model, checkpoint, *, quick_gelu=None, strict=True) -
     Returns
     -------
     torch.nn.Module
-        Today's open_clip image tower in eval mode.
+        Today's open_clip image tower in eval mode. Its tensors are always its own: those of
+        an in-memory module or state dict are copied, so changing ``checkpoint`` in place
+        afterwards (fine-tuning it, say) leaves the returned tower as it was loaded.
 
     Raises
     ------
@@ -320,10 +362,14 @@ def load_open_clip_encoder(model, checkpoint, *, quick_gelu=None, strict=True) -
     >>> torch.equal(encoder(x), source.eval()(x))
     True
     """
+    # A file's tensors are fresh; the caller's own module or state dict must not be aliased.
+    in_memory = not isinstance(checkpoint, (str, os.PathLike))
     state, detected, source = checkpoint_state(checkpoint)
     if quick_gelu is None:
         quick_gelu = detected
-    return encoder_from_state_dict(model, state, quick_gelu=quick_gelu, strict=strict, source=source)
+    return encoder_from_state_dict(
+        model, state, quick_gelu=quick_gelu, strict=strict, source=source, copy_tensors=in_memory
+    )
 
 
 def infer_open_clip_config(encoder: nn.Module) -> dict:

@@ -99,8 +99,10 @@ def _resolve_tasks(tasks, default, lists=None) -> list[str]:
     if tasks is None:
         return list(default)
     if isinstance(tasks, int) and not isinstance(tasks, bool):
-        if lists is None or tasks not in lists:
-            raise ValueError(f"tasks={tasks}: expected a list of task names or one of {sorted(lists or {})}")
+        if lists is None:
+            raise ValueError(f"tasks={tasks}: this release takes a list of task names, not a number of tasks")
+        if tasks not in lists:
+            raise ValueError(f"tasks={tasks}: expected a list of task names or one of {sorted(lists)}")
         return list(lists[tasks])
     if isinstance(tasks, str):
         tasks = [tasks]
@@ -132,7 +134,7 @@ def _find(parent: Path, task: str, *, prefix="", suffix="", is_dir: bool) -> Pat
 
 
 def _model_dir(root, model: str) -> Path:
-    root = Path(root)
+    root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"release root {root} is not a directory")
     model_dir = root / model
@@ -184,10 +186,15 @@ def head_from_checkpoint(checkpoint, source: str = "head") -> LinearHead:
     return LinearHead(weight, state.get("bias"), normalize=bool(normalize))
 
 
-def _check_files(files: dict[str, Path], what: str, where: Path) -> None:
-    missing = [f"{name} ({path})" for name, path in files.items() if not path.is_file()]
+def _check_files(files: dict[str, Path], what: str, where: Path, missing: list[str] | None = None) -> None:
+    """Raise one FileNotFoundError listing every missing file (and the ``missing`` already found)."""
+    missing = list(missing or []) + [f"{name} ({path})" for name, path in files.items() if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"{what} in {where}: missing {'; '.join(missing)}")
+
+
+def _floating_dtype(module: nn.Module) -> torch.dtype | None:
+    return next((t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
 
 
 def _load_release(arch, zeroshot, finetuned, heads, quick_gelu):
@@ -210,6 +217,14 @@ def _load_release(arch, zeroshot, finetuned, heads, quick_gelu):
         if embed_dim is not None and head.in_features != embed_dim:
             raise CheckpointError(f"{path}: head takes {head.in_features} features, the encoder gives {embed_dim}")
         loaded_heads[task] = head
+    # One dtype for the whole release, the zero-shot checkpoint's: fine-tuned towers saved in
+    # half precision next to a float32 zero-shot one (or float32 heads next to fp16 towers)
+    # would otherwise meet in one forward pass.
+    dtype = _floating_dtype(pretrained)
+    if dtype is not None:
+        for module in (*encoders.values(), *loaded_heads.values()):
+            if _floating_dtype(module) not in (None, dtype):
+                module.to(dtype)
     return pretrained, encoders, loaded_heads
 
 
@@ -220,7 +235,9 @@ def load_task_vectors_release(root, model="ViT-B-32", tasks=None, *, model_cfg=N
     ``<root>/<model>/head_<Task>.pt``. The encoders are whole pickled
     ``src.modeling.ImageEncoder`` objects of open_clip 2.0.2, read with the restricted
     unpickler (plain state dicts in the same places are read with ``weights_only=True``);
-    the heads are pickled ``src.modeling.ClassificationHead`` objects.
+    the heads are pickled ``src.modeling.ClassificationHead`` objects. Everything is returned
+    in the floating dtype of ``zeroshot.pt``: fine-tuned towers or heads saved in another one
+    (e.g. float16 next to a float32 zero-shot tower) are cast to it.
 
     Parameters
     ----------
@@ -252,7 +269,8 @@ def load_task_vectors_release(root, model="ViT-B-32", tasks=None, *, model_cfg=N
     Raises
     ------
     FileNotFoundError
-        Listing every missing file before anything is loaded.
+        Listing every missing file (zero-shot, fine-tuned and head files together) before
+        anything is loaded.
     UnsafeCheckpointError, CorruptCheckpointError, CheckpointError
         See :func:`~momaestimator.checkpoints.load_legacy_pickle` and
         :func:`~momaestimator.checkpoints.load_open_clip_encoder`.
@@ -285,8 +303,8 @@ def load_task_vectors_release(root, model="ViT-B-32", tasks=None, *, model_cfg=N
             model_dir / f"head_{task}.pt"
         )
     zeroshot = model_dir / "zeroshot.pt"
-    _check_files({"zeroshot.pt": zeroshot, **finetuned}, "task_vectors release", model_dir)
-    _check_files({f"head of {t}": p for t, p in heads.items()}, "task_vectors release heads", model_dir)
+    head_files = {f"head of {t}": p for t, p in heads.items()}
+    _check_files({"zeroshot.pt": zeroshot, **finetuned, **head_files}, "task_vectors release", model_dir)
     return _load_release(model_cfg if model_cfg is not None else model, zeroshot, finetuned, heads, quick_gelu)
 
 
@@ -316,6 +334,14 @@ def load_tall_masks_release(root, model="ViT-B-32", tasks=None, *, model_cfg=Non
     Returns
     -------
     pretrained_encoder, finetuned_encoders, heads
+        As :func:`load_task_vectors_release`, all in the dtype of ``nonlinear_zeroshot.pt``.
+
+    Raises
+    ------
+    FileNotFoundError
+        Listing every missing file (zero-shot, fine-tuned and head files together) before
+        anything is loaded.
+    UnsafeCheckpointError, CorruptCheckpointError, CheckpointError
         As :func:`load_task_vectors_release`.
 
     Examples
@@ -345,10 +371,7 @@ def load_tall_masks_release(root, model="ViT-B-32", tasks=None, *, model_cfg=Non
     candidates += [p.parent / "nonlinear_zeroshot.pt" for p in finetuned.values()]
     candidates += sorted(model_dir.glob("*/nonlinear_zeroshot.pt"))
     zeroshot = next((p for p in candidates if p.is_file()), None)
-    if zeroshot is None:
-        raise FileNotFoundError(
-            f"TALL-masks release in {model_dir}: no nonlinear_zeroshot.pt in it or its task folders"
-        )
-    _check_files(finetuned, "TALL-masks release", model_dir)
-    _check_files({f"head of {t}": p for t, p in heads.items()}, "TALL-masks release heads", model_dir)
+    missing = [] if zeroshot is not None else ["nonlinear_zeroshot.pt (in it or any of its task folders)"]
+    head_files = {f"head of {t}": p for t, p in heads.items()}
+    _check_files({**finetuned, **head_files}, "TALL-masks release", model_dir, missing)
     return _load_release(model_cfg if model_cfg is not None else model, zeroshot, finetuned, heads, quick_gelu)

@@ -10,18 +10,27 @@ Here every class of a known namespace is replaced by an inert :class:`LegacyObje
 stand-in that only records its state, and only a short list of genuinely needed
 callables (torch's tensor rebuild helpers, ``OrderedDict``, ``set``, ...) is resolved
 to the real thing. Any other global raises :class:`UnsafeCheckpointError` naming it.
+The pickle's ``BUILD`` opcode (``__setstate__`` / attribute update) is only carried out
+on stand-ins and on the few types that need it (``OrderedDict``, tensors, numpy dtypes),
+as in torch's own ``weights_only`` unpickler: on the shared objects ``find_class`` returns
+it would change them for the whole process. TorchScript archives, which ``torch.load``
+hands to ``torch.jit.load`` (running the archive's code), are refused.
 The tensors are then read out of the stand-in tree with :func:`legacy_state_dict`.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
+import codecs
 import collections
 import copyreg
 import io
+import os
 import pickle
+import struct
 import sys
 import types
+import zipfile
 from collections.abc import Iterator
 
 import torch
@@ -50,6 +59,11 @@ def _allowed_callables() -> dict[tuple[str, str], object]:
         ("builtins", "bytearray"): bytearray,
         # Protocol 0/1 object reconstruction; ``cls`` and ``base`` come through find_class too.
         ("copyreg", "_reconstructor"): copyreg._reconstructor,
+        # ``_reconstructor``'s usual ``base`` argument; ``object()`` is as inert as it gets.
+        ("builtins", "object"): object,
+        # Protocol 2 pickles store bytes as ``_codecs.encode(text, "latin1")``; torch's
+        # weights_only unpickler allows it too.
+        ("_codecs", "encode"): codecs.encode,
         ("torch", "Size"): torch.Size,
         ("torch", "device"): torch.device,
         ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
@@ -145,16 +159,96 @@ def _is_torch_nn_class(module: str, name: str) -> bool:
     return isinstance(obj, type) and issubclass(obj, nn.Module)
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` that resolves only known, harmless globals.
+def _numpy_dtype_type():
+    numpy = sys.modules.get("numpy")  # only loaded when find_class let a numpy dtype through
+    return numpy.dtype if numpy is not None else ()
+
+
+def _update_instance_dict(inst, state, what: str) -> None:
+    slots = None
+    if isinstance(state, tuple) and len(state) == 2:
+        state, slots = state
+    for part in (state, slots):
+        if part is None:
+            continue
+        if not isinstance(part, dict) or not all(isinstance(k, str) for k in part):
+            raise UnsafeCheckpointError(f"refused to unpickle: malformed state for {what}")
+        inst.__dict__.update(part)
+
+
+class _OpcodeTable(dict):
+    """The pure-Python unpickler's opcode table, reporting unknown opcodes as the C one does."""
+
+    def __missing__(self, key):
+        raise pickle.UnpicklingError(f"invalid load key, {chr(key)!r}.")
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, type) and issubclass(obj, LegacyObject):
+        return f"the class {obj.legacy_class}"
+    if isinstance(obj, type) or callable(obj):
+        name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__name__
+        return f"{'the class ' if isinstance(obj, type) else ''}{getattr(obj, '__module__', None) or '?'}.{name}"
+    return f"a {type(obj).__module__}.{type(obj).__qualname__} object"
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """Unpickler that resolves only known, harmless globals and restricts ``BUILD``.
 
     Classes of the releases' namespaces and of ``torch.nn`` become
     :class:`LegacyObject` stand-ins; torch dtypes and a short list of callables
     resolve to the real objects; everything else raises
     :class:`~momaestimator.checkpoints.errors.UnsafeCheckpointError`.
+
+    The ``BUILD`` opcode (restore an object's state: ``__setstate__``, or an update of its
+    ``__dict__`` and attributes) is carried out only on stand-in instances, ``OrderedDict``,
+    ``torch.Tensor``, ``torch.nn.Parameter`` and numpy dtypes, the types torch's own
+    ``weights_only`` unpickler builds. On anything else, in particular on the functions and
+    classes ``find_class`` returns, which are shared by the whole process (setting
+    ``torch._utils._rebuild_tensor_v2.__defaults__`` would alter every tensor loaded
+    afterwards), it raises :class:`~momaestimator.checkpoints.errors.UnsafeCheckpointError`.
+
+    This is the pure-Python unpickler of the standard library, whose opcode table can be
+    restricted; the pickles it reads (the object tree of a ``torch.save`` file, whose tensor
+    data is stored apart) are small.
     """
 
     _allowed = None
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        kind = type(inst)
+        if isinstance(inst, LegacyObject):
+            # The stand-in's own method, never one looked up on the instance.
+            LegacyObject.__setstate__(inst, state)
+        elif kind is collections.OrderedDict:
+            # state_dict()'s ``_metadata`` attribute.
+            _update_instance_dict(inst, state, "an OrderedDict")
+        elif kind is torch.Tensor:
+            # Tensors of the pre-0.4 format: (storage, offset, size, stride).
+            inst.set_(*state)
+        elif kind is nn.Parameter:
+            inst.__setstate__(state)
+        elif isinstance(inst, _numpy_dtype_type()):
+            # The byte order and flags of a dtype built for a numpy scalar; a new instance.
+            inst.__setstate__(state)
+        else:
+            raise UnsafeCheckpointError(
+                f"refused to unpickle: the pickle sets the state of {_describe(inst)} (BUILD), which only "
+                "stand-ins of the release classes, OrderedDict, tensors and numpy dtypes may receive; on a "
+                "function or class it would change it for the whole process. No torch.save writes this."
+            )
+
+    def load(self):
+        try:
+            return super().load()
+        except (struct.error, IndexError) as err:
+            # Where the C unpickler says "pickle data was truncated" or "stack underflow".
+            raise pickle.UnpicklingError(f"corrupt pickle data ({type(err).__name__}: {err})") from err
+
+    dispatch = _OpcodeTable(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module, name):
         module, name = str(module), str(name)
@@ -209,8 +303,74 @@ RESTRICTED_PICKLE_MODULE.loads = _restricted_loads
 RESTRICTED_PICKLE_MODULE.UnpicklingError = pickle.UnpicklingError
 
 
+def _is_torchscript_entry(name: str) -> bool:
+    return f"/{name}".endswith("/constants.pkl") or name.startswith("code/") or "/code/" in name
+
+
+def torchscript_entries(file) -> list[str]:
+    """The entries of a zip archive that make it a TorchScript archive (``*/constants.pkl``, ``*/code/``).
+
+    Parameters
+    ----------
+    file : str, os.PathLike or binary file object
+        The file; a file object is read from and returned to its current position.
+
+    Returns
+    -------
+    list of str
+        Empty for a ``torch.save`` archive of weights, or a file that is not a zip archive.
+
+    Raises
+    ------
+    zipfile.BadZipFile
+        If the file starts like a zip archive (as ``torch.load`` tells one) but is damaged.
+    """
+    position = file.tell() if hasattr(file, "tell") else None
+    try:
+        if position is None:
+            with open(file, "rb") as f:
+                magic = f.read(4)
+        else:
+            magic = file.read(4)
+            file.seek(position)
+        if magic != b"PK\x03\x04":
+            return []  # torch.load reads it as a legacy pickle, never with torch.jit.load
+        with zipfile.ZipFile(file) as archive:
+            names = archive.namelist()
+        entries = [name for name in names if _is_torchscript_entry(name)]
+        if not entries:
+            # torch.load's own test, on its own zip reader's view of the archive (they could differ
+            # on a crafted file); if that reader fails, so does torch.load.
+            if position is not None:
+                file.seek(position)
+            try:
+                records = torch._C.PyTorchFileReader(file).get_all_records()
+            except Exception:
+                records = []
+            entries = [name for name in records if _is_torchscript_entry(name)]
+        return entries
+    finally:
+        if position is not None:
+            file.seek(position)
+
+
 def torch_load_restricted(file):
-    """``torch.load`` of a torch.save file through :class:`RestrictedUnpickler`, onto the CPU."""
+    """``torch.load`` of a torch.save file through :class:`RestrictedUnpickler`, onto the CPU.
+
+    Raises
+    ------
+    UnsafeCheckpointError
+        If ``file`` is a TorchScript archive: ``torch.load`` would hand it to ``torch.jit.load``,
+        which runs the archive's code and never uses the restricted unpickler.
+    """
+    entries = torchscript_entries(file)
+    if entries:
+        name = os.fspath(file) if isinstance(file, (str, os.PathLike)) else "the archive"
+        raise UnsafeCheckpointError(
+            f"refused to load {name}: it is a TorchScript archive (it holds {entries[0]}), whose loading runs "
+            "the code it contains. Checkpoints are torch.save files, pickles or safetensors files; if you trust "
+            "this file, load it with torch.jit.load yourself and pass its state_dict() instead."
+        )
     # weights_only=False only lifts torch's own allowlist, which cannot map the release's class
     # names; every global still goes through RestrictedUnpickler.find_class.
     return torch.load(file, map_location="cpu", pickle_module=RESTRICTED_PICKLE_MODULE, weights_only=False)
