@@ -48,7 +48,7 @@ def _load_state(source, task, pre_state, aliases=frozenset()):
     (``aliases``) are dropped, and floating entries of another dtype are cast to its dtype (a
     half-precision checkpoint against a float32 encoder, say).
     """
-    state = _read_state(source, task)
+    state = _read_state(source, task, pre_state)
     out = {}
     for k, v in state.items():
         if k in aliases:
@@ -60,7 +60,7 @@ def _load_state(source, task, pre_state, aliases=frozenset()):
     return out
 
 
-def _read_state(source, task):
+def _read_state(source, task, pre_state):
     name = f"finetuned_encoders[{task!r}]"
     if V.is_loader(source):
         loaded = source()
@@ -71,9 +71,11 @@ def _read_state(source, task):
             )
         source = loaded
     if isinstance(source, (str, os.PathLike)):
-        from .checkpoints import load_state_dict_file
+        # any checkpoint file the checkpoints package reads: a bare tower's state dict, a wrapped
+        # one (``model.visual.*``), a release's whole-object pickle; the tower's entries only
+        from .checkpoints import matching_state
 
-        return as_state_dict(load_state_dict_file(source), name=name)
+        return as_state_dict(matching_state(source, pre_state), name=name)
     return as_state_dict(source, name=name)
 
 
