@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .data import task_keyed
-from .merging.functional import first_linear_weight, rotation_mismatch
+from .merging.functional import encode, first_linear_weight, rotation_mismatch
 
 BASES = ("task_arithmetic", "ties")
 OBJECTIVE_NAMES = ("kl", "feature", "entropy")
@@ -173,8 +173,8 @@ def check_heads(heads: dict, feature_dim: int, dtype=None, *, rotations: bool = 
     Parameters
     ----------
     heads : dict of str to torch.nn.Module
-    feature_dim : int
-        The encoder's number of output features.
+    feature_dim : int or None
+        The encoder's number of output features (``None``: not checked).
     dtype : torch.dtype, optional
         The encoder's floating dtype; the heads' weights must share it.
     rotations : bool, default=True
@@ -186,7 +186,7 @@ def check_heads(heads: dict, feature_dim: int, dtype=None, *, rotations: bool = 
         w = head.state_dict(keep_vars=True)[wname]
         if not w.is_floating_point():
             raise ValueError(f"heads[{task!r}]: weight must be floating point, got {w.dtype}")
-        if w.shape[1] != feature_dim:
+        if feature_dim is not None and w.shape[1] != feature_dim:
             raise ValueError(
                 f"heads[{task!r}] expects {w.shape[1]} input features but the encoder outputs {feature_dim}"
             )
@@ -207,3 +207,20 @@ def check_heads(heads: dict, feature_dim: int, dtype=None, *, rotations: bool = 
                     "this head transforms its input first. Use nn.Linear, LinearHead, or an nn.Sequential "
                     "starting with a linear layer, or set learn_rotations=False"
                 )
+
+
+def feature_dim(skeleton, state: dict, x: torch.Tensor) -> int:
+    """The encoder's number of output features, from one sample; a clear error if it returns no ``(batch, d)``."""
+    try:
+        with torch.no_grad():
+            z = encode(skeleton, state, x[:1].to(next(iter(state.values())).device))
+    except RuntimeError as exc:
+        raise ValueError(f"the encoder cannot take inputs of shape {tuple(x.shape[1:])} per sample ({exc})") from exc
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(
+            f"the encoder must return a tensor of features (batch, features), got {type(z).__name__}; "
+            "wrap it in a module whose forward returns the features tensor (e.g. the pooled output)"
+        )
+    if z.ndim != 2:
+        raise ValueError(f"the encoder must return (batch, features), got shape {tuple(z.shape)}")
+    return int(z.shape[1])

@@ -30,7 +30,7 @@ from . import _validation as V
 from .data import iter_task_batches, split_inputs_and_labels
 from .merging.fit import merged_state
 from .merging.functional import encode, first_linear_weight, structure_copy
-from .merging.rotation import rotation_angles
+from .merging.rotation import orthogonal_procrustes, rotation_angles
 from .merging.task_arithmetic import multitask_vector
 from .merging.task_vectors import as_state_dict
 
@@ -51,7 +51,7 @@ def _inputs(X, task_order):
     for t in task_order:
         xs, ys = [], []
         for x, y in iter_task_batches(sources[t], labels[t], task=t):
-            xs.append(x.float())
+            xs.append(x if x.is_floating_point() else x.float())
             ys.append(None if y is None else torch.as_tensor(np.asarray(y)).long())
         if not xs:
             raise ValueError(f"X[{t!r}] is empty")
@@ -69,14 +69,15 @@ def _head_parts(head):
 
 
 def _logits(head, z):
-    return head(z.float()).double()
+    dtype = next((v.dtype for v in head.state_dict().values() if v.is_floating_point()), torch.float32)
+    return head(z.to(dtype)).double()
 
 
 def _knn_accuracy(z, y, k):
     from sklearn.model_selection import cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
 
-    n_classes_min = int(torch.bincount(y).min()) if len(y) else 0
+    n_classes_min = int(torch.unique(y, return_counts=True)[1].min()) if len(y) else 0  # classes present
     folds = min(5, n_classes_min)
     if folds < 2:
         return float("nan")
@@ -145,18 +146,26 @@ def misalignment_report(
     heads = V.check_task_dict(heads, "heads")
     tasks = V.check_same_tasks(finetuned_encoders=fts, heads=heads)
     V.check_choice(base, "base", V.BASES)
+    V.check_number(scaling, "scaling", low=0.0, low_open=True)
+    V.check_number(top_k, "top_k", low=0.0, high=1.0, low_open=True)
+    V.check_number(n_neighbors, "n_neighbors", low=1, integer=True)
+    V.check_number(ridge, "ridge", low=0.0)
+    V.check_number(threshold, "threshold", low=0.0, high=1.0)
+    V.check_number(max_distortion, "max_distortion", low=0.0)
     fit_data = _inputs(X, tasks)
     eval_data = _inputs(X_eval, tasks) if X_eval is not None else fit_data
     pre = as_state_dict(pretrained_encoder, name="pretrained_encoder")
     tau = multitask_vector(pre, fts, base=base, top_k=top_k)
     theta = merged_state(pre, tau, None, scaling)
     skeleton = structure_copy(pretrained_encoder)
+    dtype = next((v.dtype for v in pre.values() if v.is_floating_point()), torch.float32)
     rows = []
     with torch.no_grad():
         for t in tasks:
             ft_state = as_state_dict(fts[t])
             feats = {}
             for split, (x, _) in (("fit", fit_data[t]), ("eval", eval_data[t])):
+                x = x.to(dtype)  # the models' dtype (float64 and half-precision models too)
                 feats[split] = (encode(skeleton, theta, x).double(), encode(skeleton, ft_state, x).double())
             rows.append(_task_row(t, heads[t], feats, eval_data[t][1], n_neighbors, ridge, threshold, max_distortion))
     return rows
@@ -167,8 +176,8 @@ def _task_row(task, head, feats, y, n_neighbors, ridge, threshold, max_distortio
     na_fit, nb_fit = F.normalize(a_fit, dim=-1), F.normalize(b_fit, dim=-1)
     na, nb = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     d = a.shape[1]
-    u, _, vh = torch.linalg.svd(nb_fit.T @ na_fit)
-    q = u @ vh
+    # any orthogonal map (reflections too), the identity outside the span of the fit samples
+    q = orthogonal_procrustes(na_fit, nb_fit, proper=False).to(na_fit.dtype)
     gram = na_fit.T @ na_fit
     lin = torch.linalg.solve(gram + ridge * torch.trace(gram) / d * torch.eye(d, dtype=gram.dtype), na_fit.T @ nb_fit).T
 

@@ -24,7 +24,7 @@ from . import _validation as V
 from ._io import atomic_write
 from .data import materialize_inputs, split_inputs_and_labels
 from .merging.fit import FitConfig, HeadSpec, fit_moma, merged_state, recomputed_blocks, teacher_targets
-from .merging.functional import absorb_heads, clone_with_state, encode, structure_copy
+from .merging.functional import absorb_heads, clone_with_state, structure_copy
 from .merging.task_arithmetic import _ties_vector, multitask_vector
 from .merging.task_vectors import as_state_dict
 from .metrics import accuracy_per_task, check_class_labels
@@ -396,7 +396,7 @@ class MOMAMerger(BaseEstimator):
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
         skeleton = structure_copy(self.pretrained_encoder, device=device)
         theta0 = {k: v.to(device) for k, v in pre_state.items()}
-        feature_dim = self._feature_dim(skeleton, theta0, x_all[tasks[0]])
+        feature_dim = V.feature_dim(skeleton, theta0, x_all[tasks[0]])
         V.check_heads(heads, feature_dim, dtype, rotations=self.learn_rotations)
         head_specs = {t: self._head_spec(heads[t], device) for t in tasks}
         autocast = V.PRECISIONS[self.precision]
@@ -492,23 +492,6 @@ class MOMAMerger(BaseEstimator):
     def _reset_fitted(self):
         for attr in _FITTED:
             self.__dict__.pop(attr, None)
-
-    @staticmethod
-    def _feature_dim(skeleton, theta0, x):
-        try:
-            with torch.no_grad():
-                z = encode(skeleton, theta0, x[:1].to(next(iter(theta0.values())).device))
-        except RuntimeError as exc:
-            shape = tuple(x.shape[1:])
-            raise ValueError(f"the encoder cannot take inputs of shape {shape} per sample ({exc})") from exc
-        if not isinstance(z, torch.Tensor):
-            raise TypeError(
-                f"the encoder must return a tensor of features (batch, features), got {type(z).__name__}; "
-                "wrap it in a module whose forward returns the features tensor (e.g. the pooled output)"
-            )
-        if z.ndim != 2:
-            raise ValueError(f"the encoder must return (batch, features), got shape {tuple(z.shape)}")
-        return int(z.shape[1])
 
     @staticmethod
     def _head_spec(head, device):

@@ -149,7 +149,7 @@ def accuracy_per_task(model, X, y=None, *, device="cpu", tasks=None) -> dict[str
         for x, lab in iter_task_batches(source, labels[task], task=task):
             if lab is None:
                 raise ValueError(f"task {task!r} has no labels: pass (inputs, labels), a labelled loader, or y")
-            x = x.to(device=device, dtype=dtype if x.is_floating_point() else torch.float32)
+            x = x.to(device=device, dtype=dtype)  # integer images too: the model's dtype
             if not torch.isfinite(x).all():
                 raise ValueError(f"X[{task!r}] contains NaN or infinite values")
             try:

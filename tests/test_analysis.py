@@ -71,3 +71,38 @@ def test_mask_and_rotation_statistics(problem, unlabeled):
     assert all(r["max_angle_deg"] > 0 for r in rot)
     q = m.rotations_[rot[0]["task"]]
     assert rot[0]["frobenius_from_identity"] == pytest.approx(float((q - torch.eye(8)).norm()))
+
+
+def test_a_planted_rotation_seen_on_fewer_samples_than_dimensions_generalises_on_its_span():
+    """Few-shot fit data (3 samples, 8 dimensions): the map is fixed on their span only, and the
+    identity elsewhere — not an arbitrary rotation that would spoil held-out residuals."""
+    pre, experts, heads, X = planted(lambda t: torch.eye(8))  # nothing to align
+    rows = misalignment_report(pre, experts, heads, {t: x[:3] for t, x in X.items()}, scaling=1e-8, X_eval=X)
+    for row in rows:
+        assert row["residual_procrustes"] < 1e-4 and row["agreement_procrustes"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_report_on_models_of_another_dtype(dtype):
+    pre, experts, heads, X = planted(rotation)
+    cast = {t: e.to(dtype) for t, e in experts.items()}
+    rows = misalignment_report(
+        pre.to(dtype), cast, {t: h.to(dtype) for t, h in heads.items()}, {t: x[:60] for t, x in X.items()}
+    )
+    assert len(rows) == 2 and all(r["residual_procrustes"] <= r["residual_identity"] + 1e-6 for r in rows)
+
+
+def test_knn_probe_with_class_ids_that_skip_a_number():
+    from momaestimator.analysis import _knn_accuracy
+
+    z = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2] * 20)  # class 1 absent
+    assert 0.0 <= _knn_accuracy(z, y, 5) <= 1.0
+
+
+def test_report_parameters_are_checked(problem):
+    pre, experts, heads, data = problem
+    with pytest.raises(ValueError, match="n_neighbors must be in"):
+        misalignment_report(pre, experts, heads, data, n_neighbors=0)
+    with pytest.raises(ValueError, match="scaling must be in"):
+        misalignment_report(pre, experts, heads, data, scaling=-0.3)

@@ -17,6 +17,7 @@ from momaestimator.baselines import (
     WeightAveraging,
 )
 from momaestimator.merging import task_arithmetic
+from momaestimator.merging.rotation import orthogonal_procrustes
 
 METHODS = {
     "pretrained": lambda m: PretrainedHeads(*m),
@@ -94,6 +95,8 @@ def test_procrustes_recovers_a_planted_rotation():
 
     pre = toy.make_tower(random_state=0)
     q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+    if torch.linalg.det(q) < 0:  # a rotation: the baseline returns rotations, as MOMA
+        q[:, 0] = -q[:, 0]
     rotated = toy.make_tower(random_state=0)
     with torch.no_grad():
         rotated.proj.copy_(pre.proj @ q.T)  # expert features = Q · pretrained features
@@ -101,6 +104,32 @@ def test_procrustes_recovers_a_planted_rotation():
     X = {"a": torch.randn(64, 3, 8, 8)}
     est = ProcrustesAlignment(pre, {"a": rotated}, heads, scaling=1e-9).fit(X)  # merged ≈ pretrained
     assert torch.allclose(est.rotations_["a"], q, atol=1e-4)
+
+
+def test_procrustes_with_fewer_samples_than_dimensions_is_the_identity_where_the_data_say_nothing():
+    from momaestimator import LinearHead, toy
+
+    pre = toy.make_tower(random_state=0)
+    heads = {"a": LinearHead(torch.randn(3, 8))}
+    X = {"a": torch.randn(3, 3, 8, 8)}  # 3 samples, 8 feature dimensions
+    est = ProcrustesAlignment(pre, {"a": pre}, heads, scaling=1e-9).fit(X)  # merged = expert: nothing to align
+    assert torch.allclose(est.rotations_["a"], torch.eye(8), atol=1e-4)
+    # a planted rotation is recovered on the samples' span, and the map is a rotation
+    q = orthogonal_procrustes(torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64))
+    assert float(torch.linalg.det(q)) == pytest.approx(1.0)
+
+
+def test_orthogonal_procrustes_recovers_the_map_on_the_data_span():
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+    a = torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    est = orthogonal_procrustes(a, a @ q.T, proper=False)
+    torch.testing.assert_close(a @ est.T, a @ q.T)  # exact on the 2 samples
+    assert torch.allclose(est.T @ est, torch.eye(6, dtype=torch.float64))
+    spans = torch.cat([a, a @ q.T]).T  # the samples and their images: 4 of 6 dimensions
+    x = torch.randn(6, generator=gen, dtype=torch.float64)
+    x -= spans @ torch.linalg.lstsq(spans, x).solution
+    torch.testing.assert_close(est @ x, x, atol=1e-5, rtol=0)  # the identity where the data say nothing
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -119,3 +148,70 @@ def test_learned_methods_fit_models_held_in_half_precision(problem, cls, dtype):
     assert all(p.dtype == dtype for p in model.encoder.parameters())  # the user's precision is kept
     # every method reaches 1.0 on this toy in float32; a dtype bug shows as chance (1/3) or an error
     assert est.score({t: (x.to(dtype), y) for t, (x, y) in data.items()}) > 0.9
+
+
+# ---------------------------------------------------------------- contracts shared with MOMAMerger
+def test_surgery_returns_a_model_of_its_own(problem, unlabeled):
+    pre, experts, heads, data = problem
+    est = RepresentationSurgery(pre, experts, heads, rank=4, n_steps=3, random_state=0).fit(unlabeled)
+    before = est.score(data)
+    model = est.transform()
+    with torch.no_grad():
+        for p in model.adapters.parameters():
+            p.mul_(100.0)  # the returned model is the user's to change
+    assert est.score(data) == before
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda m: RepresentationSurgery(*m, scaling=-1.0), r"scaling must be in \(0.0, inf\]"),
+        (lambda m: HeadFineTuning(*m, scaling=float("nan")), "scaling must be finite"),
+        (lambda m: ProcrustesAlignment(*m, scaling="x"), "scaling must be a number"),
+        (lambda m: ProcrustesAlignment(*m, base="dare"), "unknown base 'dare'"),
+        (lambda m: AdaMerging(*m, init_scaling=5.0), r"init_scaling .* must be in \[0.0, 1.0\]"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(problem, unlabeled, make, match, monkeypatch):
+    from momaestimator.baselines import base
+
+    pre, experts, heads, _ = problem
+    monkeypatch.setattr(base, "teacher_targets", lambda *a, **k: pytest.fail("an expert was run"))
+    with pytest.raises((TypeError, ValueError), match=match):
+        make((pre, experts, heads)).fit(unlabeled)
+
+
+def test_baselines_check_heads_as_the_merger_does(problem, unlabeled):
+    from momaestimator import LinearHead
+
+    pre, experts, heads, _ = problem
+
+    class Centred(torch.nn.Linear):
+        def forward(self, z):
+            return super().forward(z - z.mean(-1, keepdim=True))
+
+    centred = {t: Centred(8, 3) for t in heads}
+    with pytest.raises(ValueError, match=r"heads\['task0'\] \(Centred\) cannot absorb a rotation"):
+        ProcrustesAlignment(pre, experts, centred).fit(unlabeled)
+    TaskArithmetic(pre, experts, centred).fit()  # no rotation to absorb: any head is fine
+    narrow = {t: LinearHead(torch.randn(3, 5)) for t in heads}
+    with pytest.raises(ValueError, match=r"heads\['task0'\] expects 5 input features but the encoder outputs 8"):
+        AdaMerging(pre, experts, narrow, n_steps=1).fit(unlabeled)
+
+
+def test_individual_experts_transform_before_fit_is_not_fitted(problem):
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        IndividualExperts(*problem[:3]).transform()
+
+
+@pytest.mark.parametrize("name", ["individual", "surgery"])
+def test_models_of_int_keyed_tasks_serve_int_keys(problem, unlabeled, name):
+    pre, experts, heads, _ = problem
+    keyed = dict(enumerate(experts))
+    models = (pre, {i: experts[t] for i, t in keyed.items()}, {i: heads[t] for i, t in keyed.items()})
+    model = METHODS[name](models).fit({i: unlabeled[t] for i, t in keyed.items()}).transform()
+    x = unlabeled["task1"][:3]
+    with torch.no_grad():
+        assert torch.equal(model(x, 1), model(x, "1"))

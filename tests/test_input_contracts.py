@@ -221,3 +221,18 @@ def test_save_keeps_a_numpy_integer_seed(problem, unlabeled, tmp_path):
     MOMAMerger(pre, experts, heads, n_steps=1, random_state=np.int64(7)).fit(unlabeled).save(tmp_path / "m.joblib")
     loaded = MOMAMerger.load(tmp_path / "m.joblib", pre, experts, heads)
     assert loaded.random_state == 7 and type(loaded.random_state) is int
+
+
+def test_integer_images_are_scored_in_the_model_dtype(problem):
+    pre, experts, heads, data = problem
+    cast = lambda m: copy.deepcopy(m).double()  # noqa: E731
+    images = {t: (torch.randint(0, 3, x.shape, dtype=torch.uint8), y) for t, (x, y) in data.items()}
+    merger = MOMAMerger(
+        cast(pre), {t: cast(e) for t, e in experts.items()}, {t: cast(h) for t, h in heads.items()}, n_steps=1
+    ).fit({t: x for t, (x, _) in images.items()})
+    model = merger.transform()
+    expected = {}
+    with torch.no_grad():
+        for t, (x, y) in images.items():
+            expected[t] = float((model(x.double(), t).argmax(-1) == torch.as_tensor(y)).double().mean())
+    assert merger.score_per_task(images) == expected

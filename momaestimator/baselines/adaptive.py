@@ -7,6 +7,7 @@ rate) with the step count as a parameter; the docstrings say where we depart fro
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -17,9 +18,10 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import _validation as V
-from ..merging.fit import merged_state
+from ..merging.fit import merged_state, work_dtype
 from ..merging.functional import absorb_heads, clone_with_state, encode, structure_copy
 from ..merging.objectives import entropy, kl_to_teacher
+from ..merging.rotation import orthogonal_procrustes
 from ..merging.task_arithmetic import multitask_vector
 from ..merging.task_vectors import as_state_dict
 from ..models import MergedModel
@@ -45,6 +47,14 @@ class _DataMerger(MergerBase):
         V.check_number(self.n_steps, "n_steps", low=0, integer=True)
         V.check_number(self.lr, "lr", low=0.0, low_open=True)
         V.check_number(self.batch_size, "batch_size", low=1, integer=True)
+        return self._check_base_params()
+
+    def _check_base_params(self):
+        """The base merge's settings (where the method has one) and the device."""
+        if hasattr(self, "base"):
+            V.check_choice(self.base, "base", V.BASES)
+        if hasattr(self, "scaling"):
+            V.check_number(self.scaling, "scaling", low=0.0, low_open=True)
         return V.resolve_device(self.device)
 
     def _setup(self, X):
@@ -54,6 +64,7 @@ class _DataMerger(MergerBase):
         x = self._unlabeled(X, tasks, device, dtype)
         skeleton = structure_copy(self.pretrained_encoder, device=device)
         theta0 = {k: v.to(device) for k, v in pre.items()}
+        V.check_heads(heads, V.feature_dim(skeleton, theta0, x[tasks[0]]), rotations=False)
         return device, tasks, fts, heads, x, skeleton, theta0
 
     def _base_state(self, theta0, device):
@@ -143,7 +154,7 @@ class AdaMerging(_DataMerger):
         self
         """
         V.check_choice(self.granularity, "granularity", ("task", "layer"))
-        V.check_number(self.init_scaling, "init_scaling", low=0.0)
+        V.check_number(self.init_scaling, "init_scaling (the coefficients are kept in [0, 1])", low=0.0, high=1.0)
         device, tasks, fts, heads, x, skeleton, theta0 = self._setup(X)
         keys = [k for k, v in theta0.items() if v.is_floating_point()]
         # per tensor, the T task vectors stacked: one tensordot per tensor and step
@@ -258,6 +269,7 @@ class SurgeryModel(nn.Module):
         -------
         torch.Tensor
         """
+        task = task if isinstance(task, str) else str(task)
         z = self.encoder(x)
         adapter = self.adapters[task]
         dtype = next(adapter.parameters()).dtype  # adapters train in float32 (float64 models: float64)
@@ -382,7 +394,8 @@ class RepresentationSurgery(_DataMerger):
         """
         check_is_fitted(self, "adapters_")
         heads = _copy_heads(V.check_task_dict(self.heads, "heads"), self.tasks_)
-        return SurgeryModel(self._base_encoder(), {t: self.adapters_[t] for t in self.tasks_}, heads).eval()
+        adapters = {t: copy.deepcopy(self.adapters_[t]) for t in self.tasks_}  # the model is the user's to change
+        return SurgeryModel(self._base_encoder(), adapters, heads).eval()
 
 
 class HeadFineTuning(_DataMerger):
@@ -511,11 +524,14 @@ class HeadFineTuning(_DataMerger):
 
 
 class ProcrustesAlignment(_DataMerger):
-    """Closed-form orthogonal alignment: per task, ``Q_t = argmin_Q ‖Q z_merged − z_expert‖`` (Procrustes).
+    """Closed-form rotation: per task, ``Q_t = argmin_Q ‖Q z_merged − z_expert‖`` over rotations (Procrustes).
 
-    Features are L2-normalised first (the heads see normalised features); ``Q_t = U Vᵀ`` from the SVD
-    of ``Σ z_expert z_mergedᵀ``, absorbed into the head exactly as MOMA's rotations. No optimisation,
-    no mask, zero extra parameters.
+    Features are L2-normalised first (the heads see normalised features); ``Q_t`` comes from the SVD
+    of ``Σ z_expert z_mergedᵀ`` with Kabsch's correction (determinant +1, as MOMA's rotations) and
+    is the identity outside the span of the fit samples (few-shot: fewer samples than dimensions,
+    where the plain ``U Vᵀ`` would be arbitrary), see
+    :func:`~momaestimator.merging.rotation.orthogonal_procrustes`. Absorbed into the head exactly as
+    MOMA's rotations. No optimisation, no mask, zero extra parameters.
 
     Parameters
     ----------
@@ -570,15 +586,18 @@ class ProcrustesAlignment(_DataMerger):
         rotations = {}
         with torch.no_grad():
             for t in tasks:
-                a = nn.functional.normalize(encode(skeleton, theta, x[t]).double(), dim=-1)
+                z = encode(skeleton, theta, x[t])
+                a = nn.functional.normalize(z.double(), dim=-1)
                 b = nn.functional.normalize(self._teacher(skeleton, fts[t], heads[t], x[t], device)[1].double(), dim=-1)
-                u, _, vh = torch.linalg.svd(b.T @ a)
-                rotations[t] = (u @ vh).to(torch.float32).cpu()
+                # a rotation (det +1), the identity outside the span of the few fit samples
+                rotations[t] = orthogonal_procrustes(a, b).to(work_dtype(z)).cpu()
         self.tasks_, self.rotations_, self.extra_params_ = tasks, rotations, 0
         return self
 
+    _absorbs_rotations = True
+
     def _check_params(self):  # closed form: no optimiser settings to check
-        return V.resolve_device(self.device)
+        return self._check_base_params()
 
     def transform(self, X=None):
         """Base-merged encoder + heads with the rotations absorbed.

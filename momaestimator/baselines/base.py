@@ -61,6 +61,8 @@ class MergerBase(BaseEstimator):
     (True, ['task0', 'task1'])
     """
 
+    _absorbs_rotations = False  # whether transform() folds a rotation into the heads' first weight
+
     def __sklearn_clone__(self):
         params = self.get_params(deep=False)
         return type(self)(**{k: (v if k in MODULE_PARAMS else clone(v, safe=False)) for k, v in params.items()})
@@ -84,6 +86,8 @@ class MergerBase(BaseEstimator):
         V.check_state(pre, "pretrained_encoder")
         for t, m in fts.items():
             V.check_encoder_states(pre, as_state_dict(m), t, same_dtype=True)
+        dtype = next((v.dtype for v in pre.values() if v.is_floating_point()), None)
+        V.check_heads(heads, None, dtype, rotations=self._absorbs_rotations)
         return tasks, pre, fts, heads
 
     def _unlabeled(self, X, tasks, device, dtype):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from .. import _validation as V
@@ -53,8 +54,6 @@ class _StateMerger(MergerBase):
         -------
         MergedModel
         """
-        from sklearn.utils.validation import check_is_fitted
-
         check_is_fitted(self, "tasks_")
         encoder = clone_with_state(self.pretrained_encoder, self._merged_state())
         return MergedModel(encoder, _copy_heads(V.check_task_dict(self.heads, "heads"), self.tasks_)).eval()
@@ -226,6 +225,7 @@ class MultiEncoderModel(nn.Module):
         -------
         torch.Tensor
         """
+        task = task if isinstance(task, str) else str(task)
         return self.heads[task](self.encoders[task](x))
 
 
@@ -278,6 +278,7 @@ class IndividualExperts(_StateMerger):
         -------
         MultiEncoderModel
         """
+        check_is_fitted(self, "tasks_")
         fts = V.check_task_dict(self.finetuned_encoders, "finetuned_encoders")
         encoders = {
             t: clone_with_state(fts[t], {k: v.detach() for k, v in fts[t].state_dict().items()}) for t in self.tasks_

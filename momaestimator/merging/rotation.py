@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["Rotations", "expm", "rotation_angles"]
+__all__ = ["Rotations", "expm", "orthogonal_procrustes", "rotation_angles"]
 
 # Taylor degree and Paterson-Stockmeyer block size per dtype, for arguments scaled to 1-norm <= 1/2:
 # the truncation error 0.5^(m+1)/(m+1)! is below the dtype's rounding (5e-9 for m=8, 2e-17 for m=14).
@@ -169,3 +169,41 @@ def rotation_angles(q: torch.Tensor) -> torch.Tensor:
     """
     eig = torch.linalg.eigvals(q.double())
     return torch.angle(eig).abs().sort(descending=True).values.float()
+
+
+def orthogonal_procrustes(source: torch.Tensor, target: torch.Tensor, *, proper: bool = True) -> torch.Tensor:
+    """The orthogonal ``Q`` minimising ``‖source Qᵀ − target‖``, the identity where the data leave it free.
+
+    With fewer samples than dimensions (few-shot features), the data fix ``Q`` only on the span
+    of the samples; the textbook solution ``U Vᵀ`` is then arbitrary on the rest. Here the
+    maximiser of ``tr(Qᵀ M) + ε tr(Q)`` is taken (``M = targetᵀ source``; ``ε = 1e-10 ‖M‖``, far
+    below any direction the data determine, far above float64 rounding): among the data's
+    minimisers, the one closest to the identity. Computed in float64.
+
+    Parameters
+    ----------
+    source, target : torch.Tensor of shape (n, d)
+        Paired samples (rows); ``Q`` maps ``source`` rows onto ``target`` rows.
+    proper : bool, default=True
+        Restrict ``Q`` to rotations (determinant +1, Kabsch's correction); else any orthogonal map.
+
+    Returns
+    -------
+    torch.Tensor of shape (d, d), float64
+
+    Examples
+    --------
+    >>> import torch
+    >>> a = torch.randn(3, 6, dtype=torch.float64)  # 3 samples in 6 dimensions
+    >>> q = orthogonal_procrustes(a, a)
+    >>> bool(torch.allclose(q, torch.eye(6, dtype=torch.float64), atol=1e-5))
+    True
+    """
+    m = target.double().T @ source.double()
+    m = m + 1e-10 * (torch.linalg.matrix_norm(m) + torch.finfo(torch.float64).tiny) * torch.eye(
+        m.shape[0], dtype=m.dtype, device=m.device
+    )
+    u, _, vh = torch.linalg.svd(m)
+    if proper and torch.linalg.det(u @ vh) < 0:
+        u = torch.cat([u[:, :-1], -u[:, -1:]], dim=1)  # flip the weakest direction
+    return u @ vh
