@@ -102,3 +102,26 @@ def test_cli_quick_run_writes_the_report(tmp_path, capsys):
         "task_arithmetic",
         "moma",
     }
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--seeds", "-1"], "--seeds: expected an integer in"),
+        (["--seeds", "0", "0"], "--seeds must be distinct"),
+        (["--samples-per-class", "0"], "--samples-per-class: expected an integer in"),
+        (["--n-steps", "-5"], "--n-steps: expected an integer in"),
+        (["--zoo-seed", "x"], "--zoo-seed: expected an integer, got 'x'"),
+        (["--tasks", "bogus"], "--tasks: invalid choice: 'bogus'"),
+        (["--device", "gpu"], "--device: unknown device 'gpu'"),
+    ],
+)
+def test_cli_refuses_bad_arguments_before_building_anything(argv, match, capsys, monkeypatch):
+    from momaestimator.bench import __main__ as cli
+    from momaestimator.bench import zoo as zoo_module
+
+    monkeypatch.setattr(zoo_module, "build_zoo", lambda *a, **k: pytest.fail("the zoo was built"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert match in capsys.readouterr().err

@@ -10,7 +10,23 @@ import time
 __all__ = ["main"]
 
 
+def _int_at_least(low):
+    """An argparse type: an integer ``>= low`` (a seed: below 2**32, as NumPy's)."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or value >= 2**32:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, 2**32), got {value}")
+        return value
+
+    return parse
+
+
 def _parser():
+    from .datasets import EXTRA_TASKS, TASKS
     from .methods import METHODS
 
     p = argparse.ArgumentParser(
@@ -18,17 +34,24 @@ def _parser():
         description="Offline real-image benchmark of model merging methods (MOMA and baselines) on a zoo of "
         "small open_clip ViT experts built from images that ship in packages. Builds the zoo once (cached).",
     )
-    p.add_argument("--tasks", nargs="+", default=None, help="tasks to merge (default: all 8 of the zoo)")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        choices=list(TASKS + EXTRA_TASKS),
+        metavar="TASK",
+        help=f"tasks to merge (default: all 8 of the zoo): {', '.join(TASKS + EXTRA_TASKS)}",
+    )
     p.add_argument(
         "--seeds",
         nargs="+",
-        type=int,
+        type=_int_at_least(0),
         default=[0],
         help="seeds of the fit-data sample and of each method (default: 0); the table shows mean ± std",
     )
     p.add_argument(
         "--samples-per-class",
-        type=int,
+        type=_int_at_least(1),
         default=5,
         help="unlabeled fit images per class from each task's train split (default: 5)",
     )
@@ -45,11 +68,16 @@ def _parser():
         metavar="METHOD",
         help=f"methods to run (default: all): {', '.join(METHODS)}",
     )
-    p.add_argument("--n-steps", type=int, default=None, help="optimisation steps of every learned method (default 200)")
+    p.add_argument(
+        "--n-steps",
+        type=_int_at_least(0),
+        default=None,
+        help="optimisation steps of every learned method (default: 200; 60 with --quick)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--out", default="bench-out", help="output folder for report.md/json and plots (default: bench-out)")
     p.add_argument("--cache-dir", default=None, help="zoo cache (default: $MOMA_CACHE or ~/.cache/momaestimator)")
-    p.add_argument("--zoo-seed", type=int, default=0, help="seed of the zoo build (default: 0)")
+    p.add_argument("--zoo-seed", type=_int_at_least(0), default=0, help="seed of the zoo build (default: 0)")
     p.add_argument("--quick", action="store_true", help="a reduced zoo and budget for CI (a few minutes)")
     p.add_argument("--no-analysis", action="store_true", help="skip the misalignment analysis")
     return p
@@ -57,9 +85,19 @@ def _parser():
 
 def main(argv=None) -> int:
     """Entry point of ``moma-bench``."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct (got {args.seeds}): a repeated seed repeats the same run")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+
+    from .._validation import resolve_device
+
+    try:  # before the zoo is built (minutes)
+        resolve_device(args.device)
+    except (TypeError, ValueError) as err:
+        parser.error(f"--device: {err}")
 
     from .report import format_regime, format_table, write_report
     from .run import run_benchmark

@@ -241,7 +241,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4, help="samples per task per step (default 4)")
     p.add_argument("--n-steps", type=int, default=3, help="steps timed per fit (default 3)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default=None, choices=[None, "bf16", "fp16"])
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=["fp32", "bf16", "fp16"],
+        help="autocast of the encoder's forward (default: fp32, none)",
+    )
     p.add_argument(
         "--task-batching",
         nargs="+",
@@ -286,6 +291,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.precision == "fp32":
+        args.precision = None  # no autocast
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
         kw = json.loads(args.child)
