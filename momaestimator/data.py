@@ -288,6 +288,22 @@ class TaskSamples:
             return None
         return np.asarray([int(y) for y in ys])
 
+    def stored_targets(self):
+        """Labels aligned with this view if every task's labels are stored arrays, else ``None``.
+
+        Unlike :meth:`targets`, never reads a dataset item (splitters call it to stratify).
+
+        Returns
+        -------
+        numpy.ndarray or None
+        """
+        if any(t not in self._labels for t in self.tasks):
+            return None
+        out = np.empty(len(self), dtype=np.asarray(self._labels[self.tasks[0]]).dtype if self.tasks else np.int64)
+        for task, pos in self.positions_by_task().items():
+            out[pos] = np.asarray(self._labels[task])[self.sample_ids[pos]]
+        return out
+
     def targets(self) -> np.ndarray:
         """Labels aligned with this view (raises ``ValueError`` when the data has none)."""
         out = np.empty(len(self), dtype=np.int64)

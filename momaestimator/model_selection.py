@@ -20,7 +20,10 @@ class TaskKFold(BaseCrossValidator):
     """K-fold cross-validation stratified by task, for :class:`~momaestimator.TaskSamples`.
 
     Each task's samples are split into ``n_splits`` consecutive (or, with ``shuffle=True``,
-    shuffled) blocks whose sizes differ by at most one; fold ``k`` tests on block ``k`` of every
+    shuffled) blocks whose sizes differ by at most one — stratified by class within the task when
+    labels are known (``y``, or labels stored in the :class:`~momaestimator.TaskSamples`): the
+    task's samples are then dealt out class by class, so each block holds every class in
+    proportion, even for data sorted by class; fold ``k`` tests on block ``k`` of every
     task and trains on the rest. So every fold's train and test part contain every task, each in
     proportion ``(n_splits - 1) / n_splits`` and ``1 / n_splits`` of that task's samples (up to
     rounding). The tasks whose size is not a multiple of ``n_splits`` give their spare samples to
@@ -91,7 +94,8 @@ class TaskKFold(BaseCrossValidator):
         X : TaskSamples
             The samples to split (anything with a ``task_ids`` array works).
         y : array-like, optional
-            Ignored for splitting; its length is checked against ``X``.
+            Class labels aligned with ``X``: each task's folds are stratified by them (default:
+            the labels stored in ``X``, if any).
         groups : ignored
             Tasks are the strata; group labels are not used.
 
@@ -121,6 +125,7 @@ class TaskKFold(BaseCrossValidator):
     def _iter_test_indices(self, X=None, y=None, groups=None):
         task_ids = self._task_ids(X, y)
         names = list(getattr(X, "tasks", []))
+        labels = np.asarray(y) if y is not None else getattr(X, "stored_targets", lambda: None)()
         rng = check_random_state(self.random_state) if self.shuffle else None
         folds = [[] for _ in range(self.n_splits)]
         offset = 0  # which fold gets the next spare sample, carried across tasks
@@ -134,6 +139,8 @@ class TaskKFold(BaseCrossValidator):
                 )
             if rng is not None:
                 pos = pos[rng.permutation(len(pos))]
+            if labels is not None:  # deal the classes out in turn: every block gets each class in proportion
+                pos = pos[_interleaved_by_class(labels[pos])]
             base, extra = divmod(len(pos), self.n_splits)
             sizes = np.full(self.n_splits, base)
             sizes[(offset + np.arange(extra)) % self.n_splits] += 1
@@ -144,3 +151,17 @@ class TaskKFold(BaseCrossValidator):
                 start += size
         for parts in folds:
             yield np.sort(np.concatenate(parts))
+
+
+def _interleaved_by_class(labels) -> np.ndarray:
+    """An order of ``labels``' positions that takes each class's samples in turn, largest share first.
+
+    Sample ``j`` of a class of ``n_c`` samples goes to position ``(j + 0.5) / n_c`` on a common
+    scale, so any block of consecutive positions holds each class in proportion to its size.
+    """
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    rank = np.empty(len(labels))
+    for c, n in enumerate(counts):
+        members = np.flatnonzero(inverse == c)
+        rank[members] = (np.arange(n) + 0.5) / n
+    return np.lexsort((inverse, rank))

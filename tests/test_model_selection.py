@@ -290,3 +290,23 @@ def test_dask_backend_equals_local(problem, samples, local_search, processes):
     ):
         remote = search(MOMAMerger(pre, experts, heads, **FAST), n_jobs=-1).fit(samples)
     assert_same_search(local_search, remote)
+
+
+def test_folds_hold_every_class_of_every_task_even_for_data_sorted_by_class():
+    import numpy as np
+
+    from momaestimator import TaskKFold, TaskSamples
+
+    y = {"a": np.repeat([0, 1, 2, 3], [10, 10, 5, 5]), "b": np.repeat([0, 1], [9, 6])}
+    X = TaskSamples.from_arrays({t: np.zeros((len(v), 2)) for t, v in y.items()}, y)
+    for split_y in (None, X.targets()):  # labels stored in X, or given as y
+        for _, test in TaskKFold(5).split(X, split_y):
+            sub = X[test]
+            for i, t in enumerate(X.tasks):
+                counts = np.bincount(sub.targets()[sub.task_ids == i], minlength=len(np.unique(y[t])))
+                share = np.bincount(y[t]) / 5
+                assert ((counts >= np.floor(share)) & (counts <= np.ceil(share))).all()  # each class in proportion
+    # without labels: consecutive blocks, as documented
+    unlabeled = TaskSamples.from_arrays({t: np.zeros((len(v), 2)) for t, v in y.items()})
+    first_test = next(iter(TaskKFold(5).split(unlabeled)))[1]
+    assert first_test.tolist() == [0, 1, 2, 3, 4, 5, 30, 31, 32]
