@@ -157,6 +157,11 @@ class MOMAMerger(BaseEstimator):
         Steps between two held-out evaluations.
     rotation_map : {"exp", "cayley"}, default="exp"
         How a skew-symmetric generator becomes a rotation.
+    rotation_init : {"identity", "procrustes"}, default="identity"
+        Where each rotation starts: the identity (the paper's start), or the closed-form rotation
+        that best maps the start's normalised features of the task's fit inputs onto its expert's
+        (orthogonal Procrustes, the identity outside the span of few-shot features); the fit
+        then learns on from there.
     precision : {None, "bf16", "fp16"}, default=None
         Autocast dtype of the encoder's forward pass; mask scores and rotations stay float32.
     task_batching : {"joint", "sequential"} or int, default="sequential"
@@ -256,6 +261,7 @@ class MOMAMerger(BaseEstimator):
         validation_fraction=0.2,
         eval_every=10,
         rotation_map="exp",
+        rotation_init="identity",
         precision=None,
         task_batching="sequential",
         micro_batch_size=None,
@@ -283,6 +289,7 @@ class MOMAMerger(BaseEstimator):
         self.validation_fraction = validation_fraction
         self.eval_every = eval_every
         self.rotation_map = rotation_map
+        self.rotation_init = rotation_init
         self.precision = precision
         self.task_batching = task_batching
         self.micro_batch_size = micro_batch_size
@@ -322,6 +329,7 @@ class MOMAMerger(BaseEstimator):
         V.check_choice(self.base, "base", V.BASES)
         V.check_choice(self.objective, "objective", V.OBJECTIVE_NAMES)
         V.check_choice(self.rotation_map, "rotation_map", ("exp", "cayley"))
+        V.check_choice(self.rotation_init, "rotation_init", ("identity", "procrustes"))
         V.check_choice(self.precision, "precision", list(V.PRECISIONS))
         V.check_task_batching(self.task_batching)
         if self.micro_batch_size is not None:
@@ -430,6 +438,7 @@ class MOMAMerger(BaseEstimator):
             batch_size=self.batch_size,
             eval_every=self.eval_every,
             rotation_map=self.rotation_map,
+            rotation_init=self.rotation_init,
             autocast_dtype=autocast,
             task_batching=self.task_batching,
             micro_batch_size=self.micro_batch_size,

@@ -129,3 +129,34 @@ def test_a_long_float32_fit_returns_rotations_orthogonal_to_float32_rounding():
         q64 = q.double()
         assert float(torch.linalg.eigvals(q64).angle().abs().max()) > 1.0  # a large rotation: several squarings
         assert float((q64.T @ q64 - torch.eye(d, dtype=torch.float64)).abs().max()) < 5e-7
+
+
+def test_a_procrustes_start_is_the_closed_form_rotation_and_the_fit_learns_on_from_it(problem, unlabeled):
+    """``rotation_init="procrustes"``: with no step, the rotations are the closed-form Procrustes
+    rotations of the start's features onto the experts' (what ProcrustesAlignment computes on the
+    same merge); with steps, Q_t = B_t exp(S_t) moves on from there and stays a rotation."""
+    from momaestimator import MOMAMerger
+    from momaestimator.baselines import ProcrustesAlignment
+
+    pre, experts, heads, _ = problem
+    fit = {"learn_mask": False, "validation_fraction": 0.0, "random_state": 0}
+    start = MOMAMerger(pre, experts, heads, n_steps=0, rotation_init="procrustes", **fit).fit(unlabeled)
+    closed = ProcrustesAlignment(pre, experts, heads).fit(unlabeled)
+    for t in start.tasks_:
+        torch.testing.assert_close(start.rotations_[t], closed.rotations_[t], atol=1e-5, rtol=0)
+        assert float((start.rotations_[t] - torch.eye(8)).norm()) > 0.1  # not the identity
+    learned = MOMAMerger(pre, experts, heads, n_steps=5, rotation_init="procrustes", rotation_lr=0.05, **fit).fit(
+        unlabeled
+    )
+    for t, q in learned.rotations_.items():
+        assert not torch.allclose(q, start.rotations_[t], atol=1e-4)
+        q64 = q.double()
+        assert torch.allclose(q64.T @ q64, torch.eye(8, dtype=torch.float64), atol=1e-6)
+        assert float(torch.linalg.det(q64)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_rotation_init_is_checked(problem, unlabeled):
+    from momaestimator import MOMAMerger
+
+    with pytest.raises(ValueError, match="unknown rotation_init 'svd'"):
+        MOMAMerger(*problem[:3], rotation_init="svd").fit(unlabeled)

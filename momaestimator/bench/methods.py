@@ -105,6 +105,7 @@ METHODS = {
     "moma_rotation_only": lambda m, s: _moma(m, s, learn_mask=False),
     "moma": lambda m, s: _moma(m, s),
     "moma_ties": lambda m, s: _moma(m, s, base="ties"),
+    "moma_procrustes_init": lambda m, s: _moma(m, s, rotation_init="procrustes"),
 }
 
 #: methods that learn from the unlabeled fit data
@@ -118,6 +119,7 @@ DATA_METHODS = {
     "moma_rotation_only",
     "moma",
     "moma_ties",
+    "moma_procrustes_init",
 }
 
 

@@ -23,6 +23,7 @@ LABELS = {
     "moma_rotation_only": "MOMA rotation only",
     "moma": "MOMA (TA base)",
     "moma_ties": "MOMA (TIES base)",
+    "moma_procrustes_init": "MOMA (Procrustes start)",
 }
 
 

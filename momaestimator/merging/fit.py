@@ -25,7 +25,7 @@ from .checkpointing import BlockMerge, _within, find_blocks, recompute_blocks
 from .functional import encode
 from .mask import GlobalMask, masked_merge, score_gradient
 from .objectives import OBJECTIVES
-from .rotation import Rotations
+from .rotation import Rotations, orthogonal_procrustes
 
 __all__ = [
     "FitConfig",
@@ -72,6 +72,11 @@ class FitConfig:
         Generator-to-rotation map.
     autocast_dtype : torch.dtype or None, default=None
         Autocast dtype of the encoder's forward pass.
+    rotation_init : {"identity", "procrustes"}, default="identity"
+        Where each ``Q_t`` starts: the identity, or the rotation that best maps the start's
+        (normalised) features of the task's fit inputs onto its expert's
+        (:func:`~momaestimator.merging.rotation.orthogonal_procrustes`); the fit learns
+        ``Q_t = B_t exp(S_t)`` from there.
     task_batching : {"joint", "sequential"} or int, default="sequential"
         Tasks per forward/backward pass (:func:`task_groups`); gradients accumulate over passes.
     micro_batch_size : int or None, default=None
@@ -107,6 +112,7 @@ class FitConfig:
     batch_size: int = 16
     eval_every: int = 10
     rotation_map: str = "exp"
+    rotation_init: str = "identity"
     autocast_dtype: torch.dtype | None = None
     task_batching: str | int = "sequential"
     micro_batch_size: int | None = None
@@ -778,6 +784,26 @@ def validation_loss(ctx) -> float:
     return total
 
 
+@torch.no_grad()
+def _procrustes_start(ctx) -> torch.Tensor:
+    """Per task, the rotation from the start's normalised features of its fit inputs to its expert's."""
+    theta = _refresh_theta(ctx)
+    out = []
+    for task in ctx.tasks:
+        feats = []
+        for start in range(0, len(ctx.x_train[task]), 256):
+            x = to_device(ctx.x_train[task][start : start + 256], ctx.device)
+            feats.append(
+                moma_logits(ctx.eval_skeleton, theta, ctx.heads[task], None, x, autocast_dtype=ctx.cfg.autocast_dtype)[
+                    1
+                ]
+            )
+        a = torch.nn.functional.normalize(torch.cat(feats).double(), dim=-1)
+        b = torch.nn.functional.normalize(ctx.targets_train[task][1].double(), dim=-1)
+        out.append(orthogonal_procrustes(a, b))
+    return torch.stack(out)
+
+
 def recomputed_blocks(encoder, gradient_checkpointing=False, recompute_merged_weights=False):
     """The blocks whose activations, and those whose merged weights, a fit recomputes.
 
@@ -987,6 +1013,9 @@ def fit_moma(
             [g.detach().clone() for g in ctx.rotations.parameters()] if ctx.rotations is not None else None,
         )
 
+    if ctx.rotations is not None and cfg.rotation_init == "procrustes":
+        with _placeholders_explained(ctx):
+            ctx.rotations.set_base(_procrustes_start(ctx))
     history = []
     # without held-out data the last state is kept, so no copy of the start state is needed
     with _placeholders_explained(ctx):

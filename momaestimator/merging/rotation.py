@@ -71,7 +71,9 @@ def expm(a: torch.Tensor) -> torch.Tensor:
 
 
 class Rotations(nn.Module):
-    """One rotation per task, ``Q_t = exp(A_t − A_tᵀ)`` (or Cayley) with ``A_t`` strictly upper triangular.
+    """One rotation per task, ``Q_t = B_t exp(A_t − A_tᵀ)`` (or Cayley) with ``A_t`` strictly upper triangular.
+
+    ``B_t`` is the identity unless :meth:`set_base` gives a starting rotation.
 
     Parameters
     ----------
@@ -102,6 +104,19 @@ class Rotations(nn.Module):
         self.generators = nn.ParameterList(
             [nn.Parameter(torch.zeros(dim, dim, device=device, dtype=dtype)) for _ in range(n_tasks)]
         )
+        self.register_buffer("base", None)  # fixed starting rotations B_t: Q_t = B_t map(A_t)
+
+    @torch.no_grad()
+    def set_base(self, base: torch.Tensor) -> None:
+        """Start every ``Q_t`` at the rotation ``base[t]`` instead of the identity: ``Q_t = B_t map(A_t)``.
+
+        Parameters
+        ----------
+        base : torch.Tensor of shape (n_tasks, dim, dim)
+            Rotations (e.g. :func:`orthogonal_procrustes` of the start's features onto the experts').
+        """
+        gen = self.generators[0]
+        self.base = base.detach().to(device=gen.device, dtype=torch.float64)  # kept exact: float64
 
     def matrix(self, index: int) -> torch.Tensor:
         """``Q`` of task number ``index`` (differentiable).
@@ -115,7 +130,8 @@ class Rotations(nn.Module):
         -------
         torch.Tensor of shape (dim, dim)
         """
-        return self._map(self.generators[index])
+        q = self._map(self.generators[index])
+        return q if self.base is None else self.base[index].to(q.dtype) @ q
 
     def matrices(self, dtype=None, device=None) -> torch.Tensor:
         """Every ``Q_t`` at once, shape ``(n_tasks, dim, dim)`` (differentiable; one batched map).
@@ -136,7 +152,8 @@ class Rotations(nn.Module):
         >>> Rotations(3, 4).matrices().shape
         torch.Size([3, 4, 4])
         """
-        return self._map(torch.stack(list(self.generators)).to(dtype=dtype, device=device))
+        q = self._map(torch.stack(list(self.generators)).to(dtype=dtype, device=device))
+        return q if self.base is None else self.base.to(device=q.device, dtype=q.dtype) @ q
 
     def _map(self, generator: torch.Tensor) -> torch.Tensor:
         upper = generator.triu(1)
