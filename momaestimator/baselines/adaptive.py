@@ -587,8 +587,9 @@ class ProcrustesAlignment(_DataMerger):
         with torch.no_grad():
             for t in tasks:
                 z = encode(skeleton, theta, x[t])
-                a = nn.functional.normalize(z.double(), dim=-1)
-                b = nn.functional.normalize(self._teacher(skeleton, fts[t], heads[t], x[t], device)[1].double(), dim=-1)
+                a = nn.functional.normalize(z.cpu().double(), dim=-1)  # float64 on the CPU (not on MPS)
+                b = self._teacher(skeleton, fts[t], heads[t], x[t], device)[1]
+                b = nn.functional.normalize(b.cpu().double(), dim=-1)
                 # a rotation (det +1), the identity outside the span of the few fit samples
                 rotations[t] = orthogonal_procrustes(a, b).to(work_dtype(z)).cpu()
         self.tasks_, self.rotations_, self.extra_params_ = tasks, rotations, 0

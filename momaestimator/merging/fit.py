@@ -798,8 +798,9 @@ def _procrustes_start(ctx) -> torch.Tensor:
                     1
                 ]
             )
-        a = torch.nn.functional.normalize(torch.cat(feats).double(), dim=-1)
-        b = torch.nn.functional.normalize(ctx.targets_train[task][1].double(), dim=-1)
+        # float64 on the CPU (small: n x d; some devices, such as MPS, have no float64)
+        a = torch.nn.functional.normalize(torch.cat(feats).cpu().double(), dim=-1)
+        b = torch.nn.functional.normalize(ctx.targets_train[task][1].cpu().double(), dim=-1)
         out.append(orthogonal_procrustes(a, b))
     return torch.stack(out)
 

@@ -196,14 +196,13 @@ def rotation_mismatch(head: nn.Module, *, n_samples: int = 8, seed: int = 0) -> 
     True
     """
     wname = first_linear_weight(head)
-    state = {k: v.detach() for k, v in head.state_dict(keep_vars=True).items()}
+    state = {k: v.detach().cpu() for k, v in head.state_dict(keep_vars=True).items()}  # float64: on the CPU
     state = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
-    skeleton = structure_copy(head, device=state[wname].device).double()
+    skeleton = structure_copy(head, device="cpu").double()
     gen = torch.Generator().manual_seed(seed)
     dim = state[wname].shape[1]
     q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
     z = torch.randn(n_samples, dim, generator=gen, dtype=torch.float64)
-    q, z = q.to(state[wname].device), z.to(state[wname].device)
     rotated_input = functional_call(skeleton, state, (z @ q.T,), strict=False)
     rotated_weight = functional_call(skeleton, {**state, wname: state[wname] @ q}, (z,), strict=False)
     scale = rotated_input.abs().max().clamp_min(torch.finfo(torch.float64).tiny)

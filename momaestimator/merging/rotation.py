@@ -116,7 +116,8 @@ class Rotations(nn.Module):
             Rotations (e.g. :func:`orthogonal_procrustes` of the start's features onto the experts').
         """
         gen = self.generators[0]
-        self.base = base.detach().to(device=gen.device, dtype=torch.float64)  # kept exact: float64
+        exact = torch.float32 if gen.device.type == "mps" else torch.float64  # MPS has no float64
+        self.base = base.detach().to(device=gen.device, dtype=exact)
 
     def matrix(self, index: int) -> torch.Tensor:
         """``Q`` of task number ``index`` (differentiable).
