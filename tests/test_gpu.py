@@ -17,10 +17,13 @@ pytestmark = [
 ]
 
 
-def test_cuda_fit_matches_cpu_fit_and_leaves_user_modules_on_cpu(problem, unlabeled):
+@pytest.mark.parametrize("rotation_init", ["identity", "procrustes"])
+def test_cuda_fit_matches_cpu_fit_and_leaves_user_modules_on_cpu(problem, unlabeled, rotation_init):
     pre, experts, heads, data = problem
     before = fingerprint_all(pre, experts, heads)
-    kw = dict(n_steps=10, sparsity=0.2, rotation_lr=0.01, validation_fraction=0.0, random_state=0)
+    kw = dict(
+        n_steps=10, sparsity=0.2, rotation_lr=0.01, validation_fraction=0.0, random_state=0, rotation_init=rotation_init
+    )
     cpu = MOMAMerger(pre, experts, heads, device="cpu", **kw).fit(unlabeled)
     gpu = MOMAMerger(pre, experts, heads, device="cuda", **kw).fit(unlabeled)
     assert fingerprint_all(pre, experts, heads) == before  # nothing moved to the GPU
