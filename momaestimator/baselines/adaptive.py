@@ -37,7 +37,8 @@ def _generator(random_state) -> torch.Generator:
 
 
 def _sample(x_by_task, batch_size, generator):
-    return {t: torch.randint(len(x), (min(batch_size, len(x)),), generator=generator) for t, x in x_by_task.items()}
+    """Per task, ``min(batch_size, n)`` distinct samples (without replacement, as MOMAMerger draws)."""
+    return {t: torch.randperm(len(x), generator=generator)[:batch_size] for t, x in x_by_task.items()}
 
 
 class _DataMerger(MergerBase):
