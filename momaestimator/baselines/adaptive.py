@@ -588,11 +588,9 @@ class ProcrustesAlignment(_DataMerger):
         with torch.no_grad():
             for t in tasks:
                 z = encode(skeleton, theta, x[t])
-                a = nn.functional.normalize(z.cpu().double(), dim=-1)  # float64 on the CPU (not on MPS)
-                b = self._teacher(skeleton, fts[t], heads[t], x[t], device)[1]
-                b = nn.functional.normalize(b.cpu().double(), dim=-1)
+                expert = self._teacher(skeleton, fts[t], heads[t], x[t], device)[1]
                 # a rotation (det +1), the identity outside the span of the few fit samples
-                rotations[t] = orthogonal_procrustes(a, b).to(work_dtype(z)).cpu()
+                rotations[t] = orthogonal_procrustes(z, expert, normalize=True).to(work_dtype(z))
         self.tasks_, self.rotations_, self.extra_params_ = tasks, rotations, 0
         return self
 

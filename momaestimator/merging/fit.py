@@ -787,21 +787,15 @@ def validation_loss(ctx) -> float:
 @torch.no_grad()
 def _procrustes_start(ctx) -> torch.Tensor:
     """Per task, the rotation from the start's normalised features of its fit inputs to its expert's."""
-    theta = _refresh_theta(ctx)
+    theta, autocast = _refresh_theta(ctx), ctx.cfg.autocast_dtype
     out = []
     for task in ctx.tasks:
         feats = []
         for start in range(0, len(ctx.x_train[task]), 256):
             x = to_device(ctx.x_train[task][start : start + 256], ctx.device)
-            feats.append(
-                moma_logits(ctx.eval_skeleton, theta, ctx.heads[task], None, x, autocast_dtype=ctx.cfg.autocast_dtype)[
-                    1
-                ]
-            )
-        # float64 on the CPU (small: n x d; some devices, such as MPS, have no float64)
-        a = torch.nn.functional.normalize(torch.cat(feats).cpu().double(), dim=-1)
-        b = torch.nn.functional.normalize(ctx.targets_train[task][1].cpu().double(), dim=-1)
-        out.append(orthogonal_procrustes(a, b))
+            _, z = moma_logits(ctx.eval_skeleton, theta, ctx.heads[task], None, x, autocast_dtype=autocast)
+            feats.append(z)
+        out.append(orthogonal_procrustes(torch.cat(feats), ctx.targets_train[task][1], normalize=True))
     return torch.stack(out)
 
 

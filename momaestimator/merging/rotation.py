@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = ["Rotations", "expm", "orthogonal_procrustes", "rotation_angles"]
 
@@ -189,14 +190,17 @@ def rotation_angles(q: torch.Tensor) -> torch.Tensor:
     return torch.angle(eig).abs().sort(descending=True).values.float()
 
 
-def orthogonal_procrustes(source: torch.Tensor, target: torch.Tensor, *, proper: bool = True) -> torch.Tensor:
+def orthogonal_procrustes(
+    source: torch.Tensor, target: torch.Tensor, *, proper: bool = True, normalize: bool = False
+) -> torch.Tensor:
     """The orthogonal ``Q`` minimising ``‖source Qᵀ − target‖``, the identity where the data leave it free.
 
     With fewer samples than dimensions (few-shot features), the data fix ``Q`` only on the span
     of the samples; the textbook solution ``U Vᵀ`` is then arbitrary on the rest. Here the
     maximiser of ``tr(Qᵀ M) + ε tr(Q)`` is taken (``M = targetᵀ source``; ``ε = 1e-10 ‖M‖``, far
     below any direction the data determine, far above float64 rounding): among the data's
-    minimisers, the one closest to the identity. Computed in float64.
+    minimisers, the one closest to the identity. Computed in float64 on the CPU (small: ``n × d``;
+    some devices, such as MPS, have no float64).
 
     Parameters
     ----------
@@ -204,10 +208,12 @@ def orthogonal_procrustes(source: torch.Tensor, target: torch.Tensor, *, proper:
         Paired samples (rows); ``Q`` maps ``source`` rows onto ``target`` rows.
     proper : bool, default=True
         Restrict ``Q`` to rotations (determinant +1, Kabsch's correction); else any orthogonal map.
+    normalize : bool, default=False
+        L2-normalise the rows first (in float64): align directions, as normalising heads see them.
 
     Returns
     -------
-    torch.Tensor of shape (d, d), float64
+    torch.Tensor of shape (d, d), float64, on the CPU
 
     Examples
     --------
@@ -217,7 +223,10 @@ def orthogonal_procrustes(source: torch.Tensor, target: torch.Tensor, *, proper:
     >>> bool(torch.allclose(q, torch.eye(6, dtype=torch.float64), atol=1e-5))
     True
     """
-    m = target.double().T @ source.double()
+    source, target = source.detach().cpu().double(), target.detach().cpu().double()
+    if normalize:
+        source, target = F.normalize(source, dim=-1), F.normalize(target, dim=-1)
+    m = target.T @ source
     m = m + 1e-10 * (torch.linalg.matrix_norm(m) + torch.finfo(torch.float64).tiny) * torch.eye(
         m.shape[0], dtype=m.dtype, device=m.device
     )
