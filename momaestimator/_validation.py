@@ -217,9 +217,11 @@ def feature_dim(skeleton, state: dict, x: torch.Tensor) -> int:
     except RuntimeError as exc:
         raise ValueError(f"the encoder cannot take inputs of shape {tuple(x.shape[1:])} per sample ({exc})") from exc
     if not isinstance(z, torch.Tensor):
+        hint = "wrap it in a module whose forward returns the features tensor (e.g. the pooled output)"
+        if hasattr(skeleton, "encode_image") and isinstance(getattr(skeleton, "visual", None), nn.Module):
+            hint = "this is a whole CLIP model: pass its image tower (`model.visual`) as each encoder"
         raise TypeError(
-            f"the encoder must return a tensor of features (batch, features), got {type(z).__name__}; "
-            "wrap it in a module whose forward returns the features tensor (e.g. the pooled output)"
+            f"the encoder must return a tensor of features (batch, features), got {type(z).__name__}; {hint}"
         )
     if z.ndim != 2:
         raise ValueError(f"the encoder must return (batch, features), got shape {tuple(z.shape)}")

@@ -3,6 +3,7 @@
 import copy
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 from conftest import fingerprint_all
@@ -203,3 +204,18 @@ def test_encoder_that_does_not_return_a_features_matrix(wrap, error, match):
     heads = {t: LinearHead(torch.randn(2, 3)) for t in experts}
     with pytest.raises(error, match=match):
         MOMAMerger(pre, experts, heads, n_steps=1).fit({t: torch.randn(6, 4) for t in experts})
+
+
+def test_a_whole_clip_model_as_encoder_is_told_to_pass_its_image_tower():
+    cfg = {
+        "embed_dim": 8,
+        "vision_cfg": {"image_size": 8, "layers": 1, "width": 16, "patch_size": 4, "head_width": 8},
+        "text_cfg": {"context_length": 4, "vocab_size": 20, "width": 16, "heads": 2, "layers": 1},
+    }
+    pre = open_clip.CLIP(**cfg)
+    experts = {t: open_clip.CLIP(**cfg) for t in ("a", "b")}
+    heads = {t: LinearHead(torch.randn(2, 8)) for t in experts}
+    with pytest.raises(
+        TypeError, match=r"got tuple; this is a whole CLIP model: pass its image tower \(`model.visual`\)"
+    ):
+        MOMAMerger(pre, experts, heads, n_steps=1).fit({t: torch.randn(6, 3, 8, 8) for t in experts})
