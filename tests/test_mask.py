@@ -39,6 +39,14 @@ def test_large_vectors_cut_at_a_sampled_quantile_everywhere(monkeypatch, sparsit
     assert all(torch.equal(final[k], s.detach() > thr) for k, s in zip(mask.names, mask.scores))
 
 
+def test_moving_a_sampled_mask_moves_its_sample_indices(monkeypatch):
+    monkeypatch.setattr(GlobalMask, "exact_threshold_max", 100)
+    monkeypatch.setattr(GlobalMask, "sample_size", 50)
+    mask = GlobalMask({"w": torch.randn(20, 10), "v": torch.randn(30)}, sparsity=0.2).to("meta")
+    assert mask.scores[0].device.type == "meta"
+    assert [idx.device.type for idx in mask._sample] == ["meta", "meta"]
+
+
 def test_ties_at_the_cut_go_all_or_none_whichever_is_closer():
     tau = {"a": torch.ones(30), "b": torch.ones(20)}
     mask = GlobalMask(tau, sparsity=0.3)  # 15 of 50

@@ -225,6 +225,12 @@ class GlobalMask(nn.Module):
                 sel = flat_idx[(flat_idx >= bounds[i]) & (flat_idx < bounds[i + 1])] - bounds[i]
                 self._sample.append(sel.to(s.device))
 
+    def _apply(self, fn, recurse=True):  # `.to(device)` also moves the sampled score indices
+        super()._apply(fn, recurse)
+        if self._sample is not None:
+            self._sample = [idx.to(s.device) for idx, s in zip(self._sample, self.scores)]
+        return self
+
     def threshold(self) -> torch.Tensor:
         """The cut: entries with a score above it are kept (in every step, evaluation and result).
 
