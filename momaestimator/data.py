@@ -9,18 +9,21 @@ trick skorch's ``SliceDataset`` uses).
 from __future__ import annotations
 
 import itertools
+import numbers
 import warnings
 from collections.abc import Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 
 __all__ = [
     "TaskSamples",
     "as_label_array",
     "iter_task_batches",
+    "check_positional_labels",
     "materialize_inputs",
+    "n_samples",
     "split_inputs_and_labels",
     "task_keyed",
 ]
@@ -46,7 +49,8 @@ def task_keyed(mapping: Mapping, name: str) -> dict:
     Raises
     ------
     ValueError
-        If two keys have the same string form.
+        If two keys have the same string form, or a name is empty or contains ``"."`` (a task
+        names its head in a ``torch.nn.ModuleDict``).
 
     Examples
     --------
@@ -56,6 +60,11 @@ def task_keyed(mapping: Mapping, name: str) -> dict:
     out, original = {}, {}
     for key, value in mapping.items():
         task = str(key)
+        if not task or "." in task:
+            raise ValueError(
+                f"{name} has the task name {key!r}: a task name must be non-empty and contain no '.' "
+                "(it names the task's head in the merged model's torch ModuleDict)"
+            )
         if task in out:
             raise ValueError(
                 f"{name} has the keys {original[task]!r} and {key!r}, which name the same task {task!r} "
@@ -75,8 +84,45 @@ def _to_tensor(x, *, what: str) -> torch.Tensor:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return torch.from_numpy(np.ascontiguousarray(x))
     if isinstance(x, (list, tuple)) and x and isinstance(x[0], (torch.Tensor, np.ndarray)):
-        return torch.stack([_to_tensor(v, what=what) for v in x])
+        return _stack([_to_tensor(v, what=what) for v in x], what)
     raise TypeError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+
+
+def _sample_array(x, what: str):
+    """``x`` as a tensor or an array with samples on its first axis (a ``TypeError`` otherwise)."""
+    if isinstance(x, torch.Tensor):
+        arr = x
+    elif isinstance(x, (Dataset, DataLoader)) or x is None:
+        raise TypeError(
+            f"{what} is {'None' if x is None else 'a ' + type(x).__name__}; expected an array or tensor "
+            "(build TaskSamples.from_datasets for datasets)"
+        )
+    else:
+        arr = np.asarray(x)
+    if arr.ndim == 0 or (isinstance(arr, np.ndarray) and arr.dtype == object):
+        raise TypeError(f"{what} is a {type(x).__name__}; expected an array or tensor with one sample per row")
+    return arr
+
+
+def _stack(parts: list, what: str) -> torch.Tensor:
+    """``torch.stack`` of samples, or an error naming ``what`` when their shapes differ."""
+    shapes = sorted({tuple(v.shape) for v in parts})
+    if len(shapes) > 1:
+        raise ValueError(f"{what} holds samples of different shapes {shapes[:3]}; expected one shape for all")
+    return torch.stack(parts)
+
+
+def _label_value(y, what: str):
+    """One sample's label as a Python number (whether it is a class of the head is checked where it is scored)."""
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    if isinstance(y, np.ndarray):
+        if y.size != 1:
+            raise ValueError(f"{what} has shape {y.shape}; expected one class index per sample (not one-hot)")
+        y = y.reshape(()).item()
+    if not isinstance(y, numbers.Real):
+        raise TypeError(f"{what} is a {type(y).__name__} ({y!r}); expected a class index (an integer)")
+    return y
 
 
 def _split_item(item):
@@ -187,13 +233,14 @@ class TaskSamples:
         """
         if not isinstance(inputs, Mapping):
             raise TypeError(f"inputs must be a dict {{task: array}}, got {type(inputs).__name__}")
-        storage = task_keyed(inputs, "inputs")
-        storage = {t: (x if isinstance(x, torch.Tensor) else np.asarray(x)) for t, x in storage.items()}
+        storage = {t: _sample_array(x, f"inputs[{t!r}]") for t, x in task_keyed(inputs, "inputs").items()}
         lab = None
         if labels is not None:
             if not isinstance(labels, Mapping):
                 raise TypeError(f"labels must be a dict {{task: labels}}, got {type(labels).__name__}")
-            lab = {t: as_label_array(v) for t, v in task_keyed(labels, "labels").items()}
+            lab = {
+                t: as_label_array(_sample_array(v, f"labels[{t!r}]")) for t, v in task_keyed(labels, "labels").items()
+            }
             missing = sorted(set(storage) - set(lab))
             extra = sorted(set(lab) - set(storage))
             if missing or extra:
@@ -221,6 +268,10 @@ class TaskSamples:
     def __getitem__(self, key):
         if isinstance(key, tuple) and 1 <= len(key) <= 2 and (len(key) == 1 or key[1] is Ellipsis):
             key = key[0]  # ``ts[key, ...]``: how scikit-learn's ``_safe_indexing`` indexes array-likes
+        if isinstance(key, (np.ndarray, torch.Tensor)) and key.ndim == 0:
+            key = key.item()  # a 0-d integer array is one index
+        if isinstance(key, (bool, np.bool_)):
+            raise IndexError("TaskSamples takes a boolean mask (one entry per sample), not a single boolean")
         if isinstance(key, (int, np.integer)):
             key = [int(key)]
         if isinstance(key, tuple):
@@ -245,6 +296,32 @@ class TaskSamples:
             return store[i], (self._labels[task][i] if task in self._labels else None)
         return _split_item(store[int(i)])
 
+    def task_batch(self, task: str, idx, *, with_labels: bool = True):
+        """Inputs and labels of ``task`` at storage indices ``idx``, reading each dataset item once.
+
+        Parameters
+        ----------
+        task : str
+            A task name.
+        idx : array-like of int
+            Indices into that task's storage.
+        with_labels : bool, default=True
+            Also return the labels (``None`` when the data has none); ``False`` never reads them.
+
+        Returns
+        -------
+        x : torch.Tensor
+        y : numpy.ndarray or None
+        """
+        store = self._storage[task]
+        if isinstance(store, (np.ndarray, torch.Tensor)):
+            return self.task_inputs(task, idx), (self.task_labels(task, idx) if with_labels else None)
+        items = [(i, self._item(task, i)) for i in idx]
+        x = _stack([_to_tensor(x, what=f"task {task!r} item {i}") for i, (x, _) in items], f"task {task!r}")
+        if not with_labels or any(y is None for _, (_, y) in items):
+            return x, None
+        return x, np.asarray([_label_value(y, f"the label of task {task!r} item {i}") for i, (_, y) in items])
+
     def task_inputs(self, task: str, idx) -> torch.Tensor:
         """Stacked inputs of ``task`` at storage indices ``idx``.
 
@@ -264,7 +341,7 @@ class TaskSamples:
             return torch.from_numpy(np.ascontiguousarray(store[idx]))
         if isinstance(store, torch.Tensor):
             return store[torch.as_tensor(idx, dtype=torch.long)].detach()
-        return torch.stack([_to_tensor(self._item(task, i)[0], what=f"task {task!r} item {i}") for i in idx])
+        return self.task_batch(task, idx, with_labels=False)[0]
 
     def task_labels(self, task: str, idx):
         """Labels of ``task`` at storage indices ``idx``, or ``None`` when the data has none.
@@ -286,7 +363,7 @@ class TaskSamples:
         ys = [self._item(task, i)[1] for i in idx]
         if any(y is None for y in ys):
             return None
-        return np.asarray([int(y) for y in ys])
+        return np.asarray([_label_value(y, f"the label of task {task!r} item {i}") for i, y in zip(idx, ys)])
 
     def stored_targets(self):
         """Labels aligned with this view if every task's labels are stored arrays, else ``None``.
@@ -299,19 +376,31 @@ class TaskSamples:
         """
         if any(t not in self._labels for t in self.tasks):
             return None
-        out = np.empty(len(self), dtype=np.asarray(self._labels[self.tasks[0]]).dtype if self.tasks else np.int64)
-        for task, pos in self.positions_by_task().items():
-            out[pos] = np.asarray(self._labels[task])[self.sample_ids[pos]]
-        return out
+        return self._aligned(
+            {
+                task: np.asarray(self._labels[task])[self.sample_ids[pos]]
+                for task, pos in self.positions_by_task().items()
+            }
+        )
 
     def targets(self) -> np.ndarray:
         """Labels aligned with this view (raises ``ValueError`` when the data has none)."""
-        out = np.empty(len(self), dtype=np.int64)
+        parts = {}
         for task, pos in self.positions_by_task().items():
             labels = self.task_labels(task, self.sample_ids[pos])
             if labels is None:
                 raise ValueError(f"task {task!r} has no labels: build TaskSamples with labels to score")
-            out[pos] = labels
+            parts[task] = labels
+        return self._aligned(parts)
+
+    def _aligned(self, parts: dict) -> np.ndarray:
+        """Per-task label arrays placed at their tasks' positions in this view, in their common dtype
+        (float labels stay floats: ``check_class_labels`` refuses non-whole ones, none is truncated).
+        """
+        dtype = np.result_type(*parts.values()) if parts else np.int64
+        out = np.empty(len(self), dtype=dtype)
+        for task, pos in self.positions_by_task().items():
+            out[pos] = parts[task]
         return out
 
 
@@ -346,6 +435,11 @@ def split_inputs_and_labels(X, y=None, *, name="X"):
     """
     if isinstance(X, TaskSamples):
         sources, labels = {}, {}
+        if isinstance(y, Mapping):
+            raise TypeError(
+                f"y must be an array with one label per sample of {name} (a TaskSamples), got a dict; "
+                "or build the TaskSamples with its labels and leave y out"
+            )
         y_arr = None if y is None else as_label_array(y)
         if y_arr is not None and len(y_arr) != len(X):
             raise ValueError(f"y has {len(y_arr)} labels for {len(X)} samples in {name}; expected one per sample")
@@ -364,7 +458,10 @@ def split_inputs_and_labels(X, y=None, *, name="X"):
     if y is not None and not isinstance(y, Mapping):
         raise TypeError(f"y must be None or a dict {{task: labels}} when {name} is a dict, got {type(y).__name__}")
     y = None if y is None else task_keyed(y, "y")
-    for task, src in task_keyed(X, name).items():
+    X = task_keyed(X, name)
+    if y is not None and (unused := sorted(set(y) - set(X))):
+        warnings.warn(f"y has labels for tasks {unused} that {name} does not have; they are not used", stacklevel=3)
+    for task, src in X.items():
         lab = None
         if isinstance(src, tuple) and len(src) == 2 and not isinstance(src[0], (int, float)):
             src, lab = src
@@ -411,7 +508,7 @@ def as_label_array(labels) -> np.ndarray:
     return np.asarray(labels)
 
 
-def iter_task_batches(source, labels=None, *, batch_size=256, task="?"):
+def iter_task_batches(source, labels=None, *, batch_size=256, task="?", with_labels=True):
     """Yield ``(x, y)`` batches (``y`` may be ``None``) from one task's source.
 
     Parameters
@@ -426,6 +523,14 @@ def iter_task_batches(source, labels=None, *, batch_size=256, task="?"):
         Batch size for tensors, arrays, datasets and ``TaskSamples``.
     task : str, default="?"
         The task name, for error messages and ``TaskSamples`` look-ups.
+    with_labels : bool, default=True
+        ``False``: yield ``y = None`` without reading or checking any label (fitting needs none).
+
+    Raises
+    ------
+    ValueError
+        If ``labels`` are given for a DataLoader whose sampler reorders its dataset (positions
+        cannot match), or their number differs from the samples read.
 
     Yields
     ------
@@ -439,12 +544,14 @@ def iter_task_batches(source, labels=None, *, batch_size=256, task="?"):
     >>> [(x.shape[0], y.tolist()) for x, y in iter_task_batches(torch.zeros(5, 2), labels, batch_size=3)]
     [(3, [0, 1, 0]), (2, [1, 0])]
     """
+    if not with_labels:
+        labels = None
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], TaskSamples):
         ts, idx = source
         for i in range(0, len(idx), batch_size):
             part = idx[i : i + batch_size]
-            y = labels[i : i + batch_size] if labels is not None else ts.task_labels(task, part)
-            yield ts.task_inputs(task, part), y
+            x, y = ts.task_batch(task, part, with_labels=with_labels and labels is None)
+            yield x, (labels[i : i + batch_size] if labels is not None else y)
         return
     if isinstance(source, (torch.Tensor, np.ndarray)):
         x_all = _to_tensor(source, what=f"X[{task!r}]")
@@ -454,33 +561,120 @@ def iter_task_batches(source, labels=None, *, batch_size=256, task="?"):
     if isinstance(source, IterableDataset):  # items are samples, as a DataLoader would see them
         items, start = iter(source), 0
         while chunk := [_split_item(it) for it in itertools.islice(items, batch_size)]:
-            yield _stack_items(chunk, labels, start, task)
+            yield _stack_items(chunk, labels, start, task, with_labels)
             start += len(chunk)
+        _check_label_count(labels, start, task)
         return
     # a DataLoader or any other iterable of batches (a generator, a custom loader)
     if isinstance(source, DataLoader) or not (hasattr(source, "__getitem__") and hasattr(source, "__len__")):
+        if labels is not None:
+            check_positional_labels(source, labels, task)
         offset = 0
         for batch in source:
             x, y = _split_item(batch)
             x = _to_tensor(x, what=f"a batch of X[{task!r}]")
             if labels is not None:
                 y = labels[offset : offset + len(x)]
+            elif not with_labels:
+                y = None
             offset += len(x)
             yield x, (None if y is None else as_label_array(y))
+        _check_label_count(labels, offset, task)
         return
     # map-style dataset
     n = len(source)
     for i in range(0, n, batch_size):
-        yield _stack_items([_split_item(source[j]) for j in range(i, min(n, i + batch_size))], labels, i, task)
+        items = [_split_item(source[j]) for j in range(i, min(n, i + batch_size))]
+        yield _stack_items(items, labels, i, task, with_labels)
+    _check_label_count(labels, n, task)
 
 
-def _stack_items(items, labels, start, task):
+def n_samples(source):
+    """The number of samples of an array, tensor or map-style dataset; ``None`` for loaders and iterables.
+
+    Parameters
+    ----------
+    source : object
+        One task's source, as :func:`split_inputs_and_labels` returns it.
+
+    Returns
+    -------
+    int or None
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> n_samples(np.zeros((3, 2))), n_samples(iter([]))
+    (3, None)
+    """
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        return len(source)
+    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], TaskSamples):
+        return len(source[1])
+    if isinstance(source, (DataLoader, IterableDataset, tuple)) or not hasattr(source, "__len__"):
+        return None
+    return len(source)
+
+
+def check_positional_labels(loader, labels, task) -> None:
+    """Refuse labels given apart from a DataLoader they cannot line up with (before any work).
+
+    Labels given apart from a loader are matched to its samples by position. A sampler that
+    reorders the dataset (``shuffle=True``, a random or weighted sampler) breaks that; a loader
+    over a sized dataset with the default sequential order is checked for the label count.
+
+    Parameters
+    ----------
+    loader : object
+        The task's source (only DataLoaders are checked).
+    labels : array-like
+        The labels given for it.
+    task : str
+        The task, for error messages.
+
+    Raises
+    ------
+    ValueError
+        If the order cannot match or the count differs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch.utils.data import DataLoader
+    >>> check_positional_labels(DataLoader(torch.zeros(4, 2), shuffle=True), [0, 1, 0, 1], "a")
+    Traceback (most recent call last):
+    ...
+    ValueError: task 'a': labels are given apart from a DataLoader whose sampler is RandomSampler; ...
+    """
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return
+    sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
+    if not isinstance(sampler, SequentialSampler):
+        raise ValueError(
+            f"task {task!r}: labels are given apart from a DataLoader whose sampler is {type(sampler).__name__}; "
+            "they are matched to its samples by position, which a reordering sampler breaks. Let the "
+            "loader yield (x, y) batches, or use shuffle=False"
+        )
+    if loader.batch_sampler is not None and type(loader.batch_sampler) is BatchSampler:
+        n = len(sampler)
+        if loader.drop_last:
+            n -= n % loader.batch_size
+        if len(labels) != n:
+            raise ValueError(f"task {task!r}: {len(labels)} labels for the {n} samples its DataLoader yields")
+
+
+def _check_label_count(labels, n_read: int, task) -> None:
+    if labels is not None and len(labels) != n_read:
+        raise ValueError(f"task {task!r}: {len(labels)} labels for the {n_read} samples read from its data")
+
+
+def _stack_items(items, labels, start, task, with_labels=True):
     """One batch from ``(x, y)`` dataset items starting at position ``start``."""
-    x = torch.stack([_to_tensor(it[0], what=f"X[{task!r}][{j}]") for j, it in enumerate(items, start)])
+    x = _stack([_to_tensor(it[0], what=f"X[{task!r}][{j}]") for j, it in enumerate(items, start)], f"X[{task!r}]")
     if labels is not None:
         y = labels[start : start + len(items)]
-    elif all(it[1] is not None for it in items):
-        y = np.asarray([int(it[1]) for it in items])
+    elif with_labels and all(it[1] is not None for it in items):
+        y = np.asarray([_label_value(it[1], f"the label of X[{task!r}][{j}]") for j, it in enumerate(items, start)])
     else:
         y = None
     return x, y
@@ -520,7 +714,7 @@ def materialize_inputs(source, *, task: str, dtype=None, device=None) -> torch.T
         x = _to_tensor(source, what=f"X[{task!r}]")
         parts = [x] if x.ndim and len(x) else []
     else:
-        parts = [x for x, _ in iter_task_batches(source, task=task)]
+        parts = [x for x, _ in iter_task_batches(source, task=task, with_labels=False)]
         x = torch.cat(parts) if parts else None
     if not parts or len(x) == 0:
         raise ValueError(f"X[{task!r}] is empty: fit needs at least one unlabeled sample per task")

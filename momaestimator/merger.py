@@ -18,7 +18,6 @@ import torch
 from sklearn.base import BaseEstimator, clone
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
-from torch.utils.data import DataLoader, IterableDataset
 
 from . import _validation as V
 from ._io import atomic_write
@@ -27,7 +26,7 @@ from .merging.fit import FitConfig, HeadSpec, fit_moma, merged_state, recomputed
 from .merging.functional import absorb_heads, clone_with_state, structure_copy
 from .merging.task_arithmetic import _ties_vector, multitask_vector
 from .merging.task_vectors import as_state_dict
-from .metrics import accuracy_per_task, check_class_labels
+from .metrics import accuracy_per_task, check_scoring_inputs
 from .models import MergedModel
 
 __all__ = ["MOMAMerger"]
@@ -83,15 +82,6 @@ def _add_task_vector(tau, state, base_state) -> None:
     """``τ += state − base_state`` entry by entry, in place (Task Arithmetic's sum, one expert at a time)."""
     for k in tau:
         tau[k] += state[k].to(base_state[k].device) - base_state[k]
-
-
-def _n_samples(source):
-    """The number of samples of an array, tensor or map-style dataset; ``None`` for loaders and iterables."""
-    if isinstance(source, (torch.Tensor, np.ndarray)):
-        return len(source)
-    if isinstance(source, (DataLoader, IterableDataset, tuple)) or not hasattr(source, "__len__"):
-        return None
-    return len(source)
 
 
 def _picklable(value) -> bool:
@@ -608,17 +598,7 @@ class MOMAMerger(BaseEstimator):
         """
         check_is_fitted(self, "mask_")
         device = self._check_params()
-        sources, labels = split_inputs_and_labels(X, y)
-        unknown = [t for t in sources if t not in self.tasks_]
-        if unknown:
-            raise ValueError(f"X names tasks {unknown} this merger was not fitted on; known: {self.tasks_}")
-        for t, lab in labels.items():
-            if lab is None:
-                continue
-            check_class_labels(lab, t)
-            n = _n_samples(sources[t])
-            if n is not None and len(lab) != n:
-                raise ValueError(f"task {t!r}: {len(lab)} labels for {n} inputs")
+        check_scoring_inputs(X, y, self.tasks_)  # before the merge
         return accuracy_per_task(self.transform().to(device), X, y, device=device, tasks=self.tasks_)
 
     def score(self, X, y=None) -> float:

@@ -12,9 +12,9 @@ import math
 import numpy as np
 import torch
 
-from .data import iter_task_batches, split_inputs_and_labels
+from .data import check_positional_labels, iter_task_batches, n_samples, split_inputs_and_labels
 
-__all__ = ["accuracy_per_task", "check_class_labels", "per_task_accuracy_scorer"]
+__all__ = ["accuracy_per_task", "check_class_labels", "check_scoring_inputs", "per_task_accuracy_scorer"]
 
 
 def per_task_accuracy_scorer(estimator, X, y=None):
@@ -111,6 +111,55 @@ def check_class_labels(labels, task, *, n_classes=None) -> np.ndarray:
 
 
 @torch.no_grad()
+def check_scoring_inputs(X, y=None, tasks=None):
+    """Split labelled inputs per task and check them before any model runs.
+
+    Checks that every task is served, that given labels are class indices (their range is checked
+    against each head while scoring), that their number matches a sized source's samples, and
+    that labels given apart from a DataLoader can line up with its samples.
+
+    Parameters
+    ----------
+    X, y
+        Labelled inputs per task (see :meth:`momaestimator.MOMAMerger.score_per_task`).
+    tasks : list of str, optional
+        Tasks the model serves; other tasks in ``X`` raise ``ValueError``.
+
+    Returns
+    -------
+    sources : dict of str to object
+    labels : dict of str to numpy.ndarray or None
+        As :func:`~momaestimator.data.split_inputs_and_labels` returns them.
+
+    Raises
+    ------
+    ValueError
+        Naming the task and the problem.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_scoring_inputs({"a": np.zeros((3, 2))}, {"a": [0, 1]})
+    Traceback (most recent call last):
+    ...
+    ValueError: task 'a': 2 labels for 3 inputs
+    """
+    sources, labels = split_inputs_and_labels(X, y)
+    if tasks is not None:
+        unknown = [t for t in sources if t not in tasks]
+        if unknown:
+            raise ValueError(f"X names tasks {unknown} that the model does not serve; known: {list(tasks)}")
+    for task, lab in labels.items():
+        if lab is None:
+            continue
+        check_class_labels(lab, task)
+        n = n_samples(sources[task])
+        if n is not None and len(lab) != n:
+            raise ValueError(f"task {task!r}: {len(lab)} labels for {n} inputs")
+        check_positional_labels(sources[task], lab, task)
+    return sources, labels
+
+
 def accuracy_per_task(model, X, y=None, *, device="cpu", tasks=None) -> dict[str, float]:
     """Top-1 accuracy of ``model(x, task)`` on labelled per-task data.
 
@@ -137,11 +186,7 @@ def accuracy_per_task(model, X, y=None, *, device="cpu", tasks=None) -> dict[str
     >>> accuracy_per_task(model, {"a": (torch.tensor([[1.0, 0.0], [0.0, 1.0]]), [0, 0])})
     {'a': 0.5}
     """
-    sources, labels = split_inputs_and_labels(X, y)
-    if tasks is not None:
-        unknown = [t for t in sources if t not in tasks]
-        if unknown:
-            raise ValueError(f"X names tasks {unknown} the model does not serve; known: {list(tasks)}")
+    sources, labels = check_scoring_inputs(X, y, tasks)
     dtype = next(model.parameters()).dtype
     out = {}
     for task, source in sources.items():

@@ -236,3 +236,116 @@ def test_integer_images_are_scored_in_the_model_dtype(problem):
         for t, (x, y) in images.items():
             expected[t] = float((model(x.double(), t).argmax(-1) == torch.as_tensor(y)).double().mean())
     assert merger.score_per_task(images) == expected
+
+
+# ---------------------------------------------------------------- labels fit never reads, labels scored as given
+class _Items(torch.utils.data.Dataset):
+    """A map-style dataset of ``(x, label)`` items that counts its reads."""
+
+    def __init__(self, x, labels):
+        self.x, self.labels, self.reads = x, labels, 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.x[i], self.labels[i]
+
+
+@pytest.mark.parametrize("label", [lambda y: torch.nn.functional.one_hot(torch.tensor(y), 3), lambda y: f"class{y}"])
+def test_fit_never_reads_the_labels_of_dataset_items(problem, unlabeled, fitted, label):
+    pre, experts, heads, data = problem
+    datasets = {t: _Items(x, [label(int(v)) for v in data[t][1]]) for t, x in unlabeled.items()}
+    a = MOMAMerger(pre, experts, heads, n_steps=2, random_state=0).fit(datasets)
+    assert all(torch.equal(a.mask_[k], fitted.mask_[k]) for k in fitted.mask_)
+    b = MOMAMerger(pre, experts, heads, n_steps=2, random_state=0).fit(TaskSamples.from_datasets(datasets))
+    assert all(torch.equal(b.mask_[k], fitted.mask_[k]) for k in fitted.mask_)
+    with pytest.raises((ValueError, TypeError), match=r"the label of (X\['task0'\]\[0\]|task 'task0' item 0) "):
+        fitted.score(datasets)
+
+
+def test_dataset_labels_are_not_truncated_to_integers(problem, fitted):
+    data = problem[3]
+    frac = {t: _Items(x, [float(v) + 0.7 for v in y]) for t, (x, y) in data.items()}
+    with pytest.raises(ValueError, match="labels must be whole class indices"):
+        fitted.score(frac)
+    with pytest.raises(ValueError, match="labels must be whole class indices"):
+        fitted.score(TaskSamples.from_datasets(frac))
+    ts = TaskSamples.from_arrays({"a": np.zeros((3, 2))}, {"a": [0.5, 1.7, 2.9]})
+    assert ts.targets().tolist() == [0.5, 1.7, 2.9]
+    whole = {t: _Items(x, [float(v) for v in y]) for t, (x, y) in data.items()}
+    assert fitted.score(whole) == fitted.score(data)
+
+
+def test_a_task_samples_dataset_item_is_read_once_per_pass(problem, unlabeled, fitted):
+    data = problem[3]
+    datasets = {t: _Items(x, [int(v) for v in data[t][1]]) for t, x in unlabeled.items()}
+    ts = TaskSamples.from_datasets(datasets)
+    fitted.score(ts)
+    assert [d.reads for d in datasets.values()] == [len(x) for x in unlabeled.values()]
+
+
+# ---------------------------------------------------------------- labels given apart from a loader
+def test_labels_apart_from_a_loader_are_counted_before_scoring(problem, fitted):
+    data = problem[3]
+    x, y = data["task0"]
+    extra = {**data, "task0": (DataLoader(x, batch_size=5), np.concatenate([y, y[:3]]))}
+    with pytest.raises(ValueError, match=rf"task 'task0': {len(y) + 3} labels for the {len(y)} samples its DataLoader"):
+        fitted.score(extra)
+    dropped = {**data, "task0": (DataLoader(x, batch_size=7, drop_last=True), y)}
+    with pytest.raises(ValueError, match=rf"{len(y)} labels for the {len(y) // 7 * 7} samples"):
+        fitted.score(dropped)
+    with pytest.raises(ValueError, match=r"labels for the \d+ samples read from its data"):
+        fitted.score({**data, "task0": (iter([x[:5], x[5:10]]), y)})  # a generator: counted as it is read
+
+
+def test_labels_apart_from_a_shuffling_loader_are_refused(problem, fitted):
+    data = problem[3]
+    x, y = data["task0"]
+    shuffled = {**data, "task0": (DataLoader(torch.utils.data.TensorDataset(x, torch.as_tensor(y)), shuffle=True), y)}
+    with pytest.raises(
+        ValueError, match="task 'task0': labels are given apart from a DataLoader whose sampler is Rand"
+    ):
+        fitted.score(shuffled)
+    own = {**data, "task0": DataLoader(torch.utils.data.TensorDataset(x, torch.as_tensor(y)), shuffle=True)}
+    assert fitted.score_per_task(own)["task0"] == fitted.score_per_task(data)["task0"]  # its own labels: fine
+
+
+# ---------------------------------------------------------------- clear errors
+@pytest.mark.parametrize("name", ["cifar.10", "", 0.5])
+def test_task_names_a_module_dict_cannot_hold_are_refused_before_fitting(problem, unlabeled, name):
+    pre, experts, heads, _ = problem
+    e = {name if t == "task0" else t: v for t, v in experts.items()}
+    h = {name if t == "task0" else t: v for t, v in heads.items()}
+    x = {name if t == "task0" else t: v for t, v in unlabeled.items()}
+    with pytest.raises(ValueError, match=r"has the task name .*: a task name must be non-empty and contain no '\.'"):
+        MOMAMerger(pre, e, h, n_steps=1).fit(x)
+
+
+def test_unclear_inputs_get_errors_that_name_them(problem, fitted):
+    data = problem[3]
+    ts = TaskSamples.from_arrays({t: x for t, (x, _) in data.items()})
+    with pytest.raises(
+        TypeError, match="y must be an array with one label per sample of X .a TaskSamples., got a dict"
+    ):
+        fitted.score(ts, {t: y for t, (_, y) in data.items()})
+    with pytest.raises(TypeError, match=r"inputs\['a'\] is a DataLoader; expected an array or tensor"):
+        TaskSamples.from_arrays({"a": DataLoader(torch.zeros(3, 2))})
+    with pytest.raises(TypeError, match=r"labels\['a'\] is None"):
+        TaskSamples.from_arrays({"a": np.zeros((3, 2))}, {"a": None})
+    with pytest.raises(
+        ValueError, match=r"X\['task0'\] holds samples of different shapes \[\(3, 8, 8\), \(3, 9, 9\)\]"
+    ):
+        fitted.score({**data, "task0": ([torch.zeros(3, 8, 8), torch.zeros(3, 9, 9)], [0, 1])})
+    with pytest.warns(UserWarning, match=r"y has labels for tasks \['task1'\] that X does not have"):
+        fitted.score({"task0": data["task0"][0]}, {t: y for t, (_, y) in data.items() if t != "task2"})
+
+
+def test_a_zero_dimensional_integer_index_is_one_sample():
+    ts = TaskSamples.from_arrays({"a": np.zeros((4, 2)), "b": np.ones((3, 2))}, {"a": [0, 1, 0, 1], "b": [2, 2, 2]})
+    for key in (np.array(5), torch.tensor(5), np.int64(5), 5):
+        sub = ts[key]
+        assert len(sub) == 1 and sub.targets().tolist() == [2] and repr(sub) == "TaskSamples(a=0, b=1)"
+    with pytest.raises(IndexError, match="not a single boolean"):
+        ts[True]

@@ -18,7 +18,7 @@ from ..data import materialize_inputs, split_inputs_and_labels
 from ..merging.fit import HeadSpec, teacher_targets
 from ..merging.functional import structure_copy
 from ..merging.task_vectors import as_state_dict
-from ..metrics import accuracy_per_task
+from ..metrics import accuracy_per_task, check_scoring_inputs
 
 __all__ = ["MergerBase", "count_parameters"]
 
@@ -113,6 +113,7 @@ class MergerBase(BaseEstimator):
         """
         check_is_fitted(self, "tasks_")
         device = V.resolve_device(getattr(self, "device", "cpu"))
+        check_scoring_inputs(X, y, self.tasks_)  # before the merge
         return accuracy_per_task(self.transform().to(device), X, y, device=device, tasks=self.tasks_)
 
     def score(self, X, y=None) -> float:
