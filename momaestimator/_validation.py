@@ -77,8 +77,11 @@ def resolve_device(device) -> torch.device:
             raise ValueError(f"device {device!r} was requested but CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "mps"):
-        raise ValueError(f"unsupported device {device!r}; expected 'cpu' or 'cuda'")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r} was requested but MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}; expected 'cpu', 'cuda' or 'mps'")
     return dev
 
 
@@ -209,13 +212,42 @@ def check_heads(heads: dict, feature_dim: int, dtype=None, *, rotations: bool = 
                 )
 
 
-def feature_dim(skeleton, state: dict, x: torch.Tensor) -> int:
+def check_precision(precision, state: dict) -> None:
+    """Refuse an autocast ``precision`` that cannot apply to the encoder's weights, before any work.
+
+    Autocast computes float32 operations in the lower precision: an encoder in float32 (or
+    already holding weights in that dtype, as open_clip's ``precision="bf16"`` models do) can use
+    it; a float64 encoder would silently run in float64, and one holding the *other* half dtype
+    cannot run at all.
+    """
+    target = PRECISIONS.get(precision)
+    if target is None:
+        return
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    other = sorted(str(d).removeprefix("torch.") for d in dtypes - {torch.float32, target})
+    if other:
+        raise ValueError(
+            f"precision={precision!r} autocasts float32 computations to {str(target).removeprefix('torch.')}, "
+            f"but the encoder holds {', '.join(other)} weights; use precision=None"
+            + ("" if "float64" in other else " or the precision of those weights")
+        )
+
+
+def feature_dim(skeleton, state: dict, x: torch.Tensor, autocast_dtype=None) -> int:
     """The encoder's number of output features, from one sample; a clear error if it returns no ``(batch, d)``."""
+    device = next(iter(state.values())).device
     try:
-        with torch.no_grad():
-            z = encode(skeleton, state, x[:1].to(next(iter(state.values())).device))
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            z = encode(skeleton, state, x[:1].to(device))
     except RuntimeError as exc:
-        raise ValueError(f"the encoder cannot take inputs of shape {tuple(x.shape[1:])} per sample ({exc})") from exc
+        halves = {v.dtype for v in state.values() if v.is_floating_point()} & {torch.bfloat16, torch.float16}
+        hint = ""
+        if autocast_dtype is None and len({v.dtype for v in state.values() if v.is_floating_point()}) > 1 and halves:
+            name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[min(halves, key=str)]
+            hint = f"; its weights mix float32 and half precision: such an encoder runs with precision={name!r}"
+        raise ValueError(
+            f"the encoder cannot take inputs of shape {tuple(x.shape[1:])} per sample ({exc}){hint}"
+        ) from exc
     if not isinstance(z, torch.Tensor):
         hint = "wrap it in a module whose forward returns the features tensor (e.g. the pooled output)"
         if hasattr(skeleton, "encode_image") and isinstance(getattr(skeleton, "visual", None), nn.Module):

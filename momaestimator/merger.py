@@ -153,7 +153,10 @@ class MOMAMerger(BaseEstimator):
         (orthogonal Procrustes, the identity outside the span of few-shot features); the fit
         then learns on from there.
     precision : {None, "bf16", "fp16"}, default=None
-        Autocast dtype of the encoder's forward pass; mask scores and rotations stay float32.
+        Autocast dtype of the encoder's forward pass (fit and score); mask scores and rotations
+        stay float32. Needs a float32 encoder, or one already holding weights in that dtype
+        (open_clip's ``precision="bf16"`` models); a float64 or other half-precision encoder is
+        refused before any work.
     task_batching : {"joint", "sequential"} or int, default="sequential"
         Tasks per forward/backward pass. ``"joint"``: every task's batch in one pass (activation
         memory grows with the number of tasks). ``"sequential"``: one task per pass; an int ``k``:
@@ -340,6 +343,7 @@ class MOMAMerger(BaseEstimator):
         heads = V.check_task_dict(self.heads, "heads")
         tasks = V.check_same_tasks(finetuned_encoders=fts, heads=heads)
         pre_state = as_state_dict(self.pretrained_encoder, name="pretrained_encoder")
+        V.check_precision(self.precision, pre_state)
         if values:  # a full pass over every weight: once per fit, not again in transform/score
             V.check_state(pre_state, "pretrained_encoder")
         for task, src in fts.items():
@@ -394,10 +398,10 @@ class MOMAMerger(BaseEstimator):
         generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
         skeleton = structure_copy(self.pretrained_encoder, device=device)
         theta0 = {k: v.to(device) for k, v in pre_state.items()}
-        feature_dim = V.feature_dim(skeleton, theta0, x_all[tasks[0]])
+        autocast = V.PRECISIONS[self.precision]
+        feature_dim = V.feature_dim(skeleton, theta0, x_all[tasks[0]], autocast)
         V.check_heads(heads, feature_dim, dtype, rotations=self.learn_rotations)
         head_specs = {t: self._head_spec(heads[t], device) for t in tasks}
-        autocast = V.PRECISIONS[self.precision]
 
         x_train, x_val = self._holdout(x_all, generator)
         targets_train, targets_val = {}, {}
@@ -599,7 +603,9 @@ class MOMAMerger(BaseEstimator):
         check_is_fitted(self, "mask_")
         device = self._check_params()
         check_scoring_inputs(X, y, self.tasks_)  # before the merge
-        return accuracy_per_task(self.transform().to(device), X, y, device=device, tasks=self.tasks_)
+        model = self.transform().to(device)
+        autocast = V.PRECISIONS[self.precision]
+        return accuracy_per_task(model, X, y, device=device, tasks=self.tasks_, autocast_dtype=autocast)
 
     def score(self, X, y=None) -> float:
         """Mean over tasks of the absorbed model's top-1 accuracy (unweighted).
@@ -678,6 +684,12 @@ class MOMAMerger(BaseEstimator):
                 raise ValueError(f"{os.fspath(path)!r}: mask entry {k!r} does not match the pretrained encoder")
             n = int(np.prod(shape))
             mask[k] = torch.from_numpy(np.unpackbits(bits)[:n].astype(bool)).view(shape)
+        uncovered = [k for k, v in pre_state.items() if v.is_floating_point() and k not in mask]
+        if uncovered:
+            raise ValueError(
+                f"{os.fspath(path)!r}: its mask does not cover {len(uncovered)} entries of the pretrained encoder "
+                f"(e.g. {uncovered[:3]}); it was fitted on another architecture"
+            )
         for k, v in fitted.items():
             setattr(merger, k, v)
         merger.mask_ = mask

@@ -160,7 +160,7 @@ def check_scoring_inputs(X, y=None, tasks=None):
     return sources, labels
 
 
-def accuracy_per_task(model, X, y=None, *, device="cpu", tasks=None) -> dict[str, float]:
+def accuracy_per_task(model, X, y=None, *, device="cpu", tasks=None, autocast_dtype=None) -> dict[str, float]:
     """Top-1 accuracy of ``model(x, task)`` on labelled per-task data.
 
     Parameters
@@ -172,6 +172,8 @@ def accuracy_per_task(model, X, y=None, *, device="cpu", tasks=None) -> dict[str
     device : str or torch.device, default="cpu"
     tasks : list of str, optional
         Tasks the model serves; other tasks in ``X`` raise ``ValueError``.
+    autocast_dtype : torch.dtype, optional
+        Run the model under ``torch.autocast`` in this dtype (models whose weights need it).
 
     Returns
     -------
@@ -198,7 +200,8 @@ def accuracy_per_task(model, X, y=None, *, device="cpu", tasks=None) -> dict[str
             if not torch.isfinite(x).all():
                 raise ValueError(f"X[{task!r}] contains NaN or infinite values")
             try:
-                logits = model(x, task)
+                with torch.no_grad(), torch.autocast(x.device.type, autocast_dtype, enabled=autocast_dtype is not None):
+                    logits = model(x, task)
             except RuntimeError as exc:
                 raise ValueError(
                     f"X[{task!r}]: the model cannot take inputs of shape {tuple(x.shape)} ({exc})"

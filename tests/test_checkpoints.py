@@ -665,7 +665,7 @@ def test_merged_model_architecture_by_name_or_inferred(tmp_path):
     out = save_merged_model(model, tmp_path / "named", architecture="ViT-B-32")
     assert json.loads((out / "model.json").read_text())["encoder"]["model_name"] == "ViT-B-32"
     loaded = load_merged_model(out / "model.safetensors")
-    assert loaded.heads["a"].normalize is False
+    assert type(loaded.heads["a"]) is nn.Linear and loaded.heads["a"].bias is not None  # as saved
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     inferred = json.loads((save_merged_model(model, tmp_path / "inferred") / "model.json").read_text())
     assert inferred["encoder"]["model_cfg"]["vision_cfg"]["patch_size"] == 32
@@ -1060,3 +1060,24 @@ def test_merger_fits_on_the_vit_b_32_release_and_its_merged_model_round_trips(vi
     out = save_merged_model(merged, tmp_path / "merged", architecture="ViT-B-32")
     loaded = load_merged_model(out)
     assert _tensor_digest(loaded.state_dict()) == _tensor_digest(merged.state_dict())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_heads_come_back_as_they_were_saved(tmp_path, bias):
+    torch.manual_seed(0)
+    encoder = build_open_clip_encoder(TINY_CFG)
+    model = MergedModel(encoder, {"a": nn.Linear(16, 3, bias=bias), "b": LinearHead(torch.randn(2, 16))})
+    out = save_merged_model(model, tmp_path / "m", architecture=TINY_CFG)
+    loaded = load_merged_model(out)
+    assert type(loaded.heads["a"]) is nn.Linear and (loaded.heads["a"].bias is not None) == bias
+    assert isinstance(loaded.heads["b"], LinearHead)
+    assert loaded.state_dict().keys() == model.state_dict().keys()  # no bias added: the same parameters
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert json.loads((out / "model.json").read_text())["format_version"] == 2
+    only_linear_head = MergedModel(encoder, {"b": LinearHead(torch.randn(2, 16))})
+    assert (
+        json.loads(
+            (save_merged_model(only_linear_head, tmp_path / "v1", architecture=TINY_CFG) / "model.json").read_text()
+        )["format_version"]
+        == 1
+    )

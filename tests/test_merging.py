@@ -1,5 +1,6 @@
 """Base merges on small tensors: hand computations, edge cases, and FusionBench parity."""
 
+import copy
 import importlib.util
 import sys
 import types
@@ -10,7 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from momaestimator import LinearHead, MOMAMerger
 from momaestimator.merging import multitask_vector, task_arithmetic, task_vector, ties_merging, weight_averaging
+from momaestimator.merging.functional import absorb_heads
 
 
 def sd(**tensors):
@@ -177,3 +180,28 @@ def test_pass_plan_covers_every_sample_once_within_its_task_group(sizes, batchin
         for g in set(group_of.values()):
             mine = [sum(hi - lo for _, lo, hi in p) for p in plan if group_of[p[0][0]] == g]
             assert all(n == micro for n in mine[:-1])
+
+
+def test_absorbed_head_weight_is_rounded_once_from_the_exact_product():
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen, dtype=torch.float64))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        head = LinearHead(torch.randn(5, 64, generator=gen).to(dtype))
+        new = absorb_heads({"a": head}, {"a": q.float()})["a"]
+        exact = (head.weight.detach().double() @ q.float().double()).to(dtype)
+        assert new.weight.dtype == dtype and torch.equal(new.weight.detach(), exact)
+
+
+def test_merged_state_dict_shares_no_tensor_with_the_users_encoder(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    pre = copy.deepcopy(pre)
+    pre.register_buffer("step", torch.tensor(3))  # an integer buffer: not merged, but copied
+    experts = {t: copy.deepcopy(e) for t, e in experts.items()}
+    for e in experts.values():
+        e.register_buffer("step", torch.tensor(3))
+    merger = MOMAMerger(pre, experts, heads, n_steps=1, random_state=0).fit(unlabeled)
+    state = merger.merged_state_dict()
+    state["step"] += 100
+    assert int(pre.step) == 3
+    ptrs = {v.data_ptr() for v in pre.state_dict().values()}
+    assert not any(v.data_ptr() in ptrs for v in state.values())

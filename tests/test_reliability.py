@@ -104,6 +104,9 @@ def test_loading_with_mismatched_models_names_the_problem(fitted, tmp_path):
     pre3, experts3, heads3, _ = toy.make_problem(n_tasks=3, output_dim=6, random_state=5)
     with pytest.raises(ValueError, match="does not match the pretrained encoder"):
         MOMAMerger.load(path, pre3, experts3, heads3)
+    pre4, experts4, heads4, _ = toy.make_problem(n_tasks=3, layers=2, random_state=5)  # one more block
+    with pytest.raises(ValueError, match=r"its mask does not cover \d+ entries .*'transformer\.resblocks\.1\."):
+        MOMAMerger.load(path, pre4, experts4, heads4)
 
 
 def test_same_random_state_is_deterministic_across_runs(problem, unlabeled):

@@ -219,3 +219,57 @@ def test_a_whole_clip_model_as_encoder_is_told_to_pass_its_image_tower():
         TypeError, match=r"got tuple; this is a whole CLIP model: pass its image tower \(`model.visual`\)"
     ):
         MOMAMerger(pre, experts, heads, n_steps=1).fit({t: torch.randn(6, 3, 8, 8) for t in experts})
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_mps_device_without_mps_is_refused_before_any_work(models, unlabeled):
+    fit_raises(models, unlabeled, ValueError, "device 'mps' was requested but MPS is not available", device="mps")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "precision", "match"),
+    [
+        (
+            torch.float64,
+            "bf16",
+            "precision='bf16' autocasts .* but the encoder holds float64 weights; use precision=None$",
+        ),
+        (torch.float16, "bf16", "encoder holds float16 weights; use precision=None or the precision of those weights"),
+        (torch.bfloat16, "fp16", "encoder holds bfloat16 weights"),
+    ],
+)
+def test_a_precision_that_cannot_apply_to_the_encoder_is_refused(dtype, precision, match):
+    pre, experts, heads, data = toy.make_problem(n_tasks=2)
+    pre, experts = pre.to(dtype), {t: e.to(dtype) for t, e in experts.items()}
+    heads = {t: h.to(dtype) for t, h in heads.items()}
+    loaded = []
+    lazy = {t: (lambda e=e: loaded.append(1) or e.state_dict()) for t, e in experts.items()}
+    with pytest.raises(ValueError, match=match):
+        MOMAMerger(pre, lazy, heads, n_steps=1, precision=precision).fit({t: x for t, (x, _) in data.items()})
+    assert not loaded  # before any expert is read
+
+
+def test_an_open_clip_low_precision_encoder_fits_and_scores_with_its_precision():
+    from open_clip.model import convert_weights_to_lp
+
+    def low_precision(module):  # as open_clip.create_model(precision="bf16"): bf16 matmul weights, fp32 norms
+        module = copy.deepcopy(module)
+        convert_weights_to_lp(module, torch.bfloat16)
+        return module
+
+    pre, experts, heads, data = toy.make_problem(n_tasks=2)
+    lp = {t: low_precision(e) for t, e in experts.items()}
+    pre_lp = low_precision(pre)
+    x = {t: v for t, (v, _) in data.items()}
+    with pytest.raises(ValueError, match="its weights mix float32 and half precision: .* precision='bf16'"):
+        MOMAMerger(pre_lp, lp, heads, n_steps=1).fit(x)
+    merger = MOMAMerger(pre_lp, lp, heads, n_steps=2, precision="bf16", random_state=0).fit(x)
+    model = merger.transform()
+    assert {k: v.dtype for k, v in model.encoder.state_dict().items()} == {
+        k: v.dtype for k, v in pre_lp.state_dict().items()
+    }
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = {
+            t: float((model(v, t).argmax(-1) == torch.as_tensor(y)).float().mean()) for t, (v, y) in data.items()
+        }
+    assert merger.score_per_task(data) == pytest.approx(expected)

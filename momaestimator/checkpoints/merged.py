@@ -6,6 +6,7 @@ import json
 import warnings
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from momaestimator.checkpoints.errors import CheckpointError
@@ -18,7 +19,7 @@ __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "load_merged_model", "save_merged_mode
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
 _FORMAT = "momaestimator.merged_model"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: nn.Linear heads stay nn.Linear (with or without bias); 1: LinearHead only
 
 
 def _uses_quick_gelu(encoder: nn.Module) -> bool:
@@ -65,17 +66,31 @@ def _build_encoder(spec: dict, device=None) -> nn.Module:
 
 def _head_spec(task: str, head: nn.Module) -> dict:
     if isinstance(head, LinearHead):
-        normalize = head.normalize
-    elif type(head) is nn.Linear:
-        normalize = False
-    else:
-        raise ValueError(f"head {task!r} is a {type(head).__name__}; only LinearHead and nn.Linear heads are saved")
-    return {
-        "type": "LinearHead",
-        "n_classes": head.out_features,
-        "n_features": head.in_features,
-        "normalize": normalize,
-    }
+        return {
+            "type": "LinearHead",
+            "n_classes": head.out_features,
+            "n_features": head.in_features,
+            "normalize": head.normalize,
+        }
+    if type(head) is nn.Linear:  # kept an nn.Linear, with or without its bias (format version 2)
+        return {
+            "type": "Linear",
+            "n_classes": head.out_features,
+            "n_features": head.in_features,
+            "normalize": False,
+            "bias": head.bias is not None,
+        }
+    raise ValueError(f"head {task!r} is a {type(head).__name__}; only LinearHead and nn.Linear heads are saved")
+
+
+def _build_head(spec: dict, weight: torch.Tensor, bias) -> nn.Module:
+    if spec.get("type", "LinearHead") == "LinearHead":
+        return LinearHead(weight, bias, normalize=spec["normalize"])
+    if spec["type"] != "Linear" or bool(spec.get("bias")) != (bias is not None):
+        raise CheckpointError(f"head description {spec} does not match its tensors (bias: {bias is not None})")
+    head = nn.Linear(spec["n_features"], spec["n_classes"], bias=bias is not None, device="meta")
+    head.load_state_dict({"weight": weight, **({"bias": bias} if bias is not None else {})}, assign=True)
+    return head
 
 
 def save_merged_model(model: MergedModel, path, *, architecture=None) -> Path:
@@ -122,11 +137,13 @@ def save_merged_model(model: MergedModel, path, *, architecture=None) -> Path:
         raise TypeError(f"expected a MergedModel, got {type(model).__name__}")
     config = {
         "format": _FORMAT,
-        "format_version": _FORMAT_VERSION,
+        "format_version": 1,
         "encoder": _encoder_spec(model.encoder, architecture),
         "tasks": list(model.heads.keys()),
         "heads": {task: _head_spec(task, head) for task, head in model.heads.items()},
     }
+    if any(h["type"] == "Linear" for h in config["heads"].values()):
+        config["format_version"] = _FORMAT_VERSION  # readers of version 1 would give them a bias
     tensors, seen = {}, set()
     for key, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
@@ -224,5 +241,5 @@ def load_merged_model(path) -> MergedModel:
         weight = tensors.get(f"heads.{task}.weight")
         if weight is None or tuple(weight.shape) != (spec["n_classes"], spec["n_features"]):
             raise CheckpointError(f"{weights}: head {task!r} does not match its description {spec}")
-        heads[task] = LinearHead(weight, tensors.get(f"heads.{task}.bias"), normalize=spec["normalize"])
+        heads[task] = _build_head(spec, weight, tensors.get(f"heads.{task}.bias"))
     return MergedModel(encoder.eval(), heads).eval()

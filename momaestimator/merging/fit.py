@@ -323,9 +323,9 @@ def moma_logits(skeleton, theta, head: HeadSpec, q, x, *, autocast_dtype=None):
 
 
 def merged_state(theta0, tau, keep, scaling):
-    """The full merged state dict for a fixed boolean mask (``None``: keep all)."""
+    """The full merged state dict for a fixed boolean mask (``None``: keep all); new tensors throughout."""
     return {
-        k: masked_merge(v, tau[k], None if keep is None else keep[k], scaling) if k in tau else v
+        k: masked_merge(v, tau[k], None if keep is None else keep[k], scaling) if k in tau else v.clone()
         for k, v in theta0.items()
     }
 

@@ -238,7 +238,8 @@ def absorb_heads(heads: dict, rotations: dict) -> dict[str, nn.Module]:
         wname = first_linear_weight(head, name=f"heads[{task!r}]")
         state = {k: v.detach() for k, v in head.state_dict(keep_vars=True).items()}
         w = state[wname]
-        q = rotations[task].to(device=w.device, dtype=w.dtype)
-        state[wname] = w @ q
+        # in float64 on the CPU, rounded once to the head's dtype (a bf16 product rounds every step)
+        q = rotations[task].to(device="cpu", dtype=torch.float64)
+        state[wname] = (w.to(device="cpu", dtype=torch.float64) @ q).to(device=w.device, dtype=w.dtype)
         out[task] = clone_with_state(head, state)
     return out
