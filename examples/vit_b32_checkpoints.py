@@ -31,7 +31,7 @@ from momaestimator import MOMAMerger
 from momaestimator.checkpoints import TASK_VECTORS_TASKS, load_task_vectors_release, save_merged_model
 
 pretrained, finetuned, heads = load_task_vectors_release("checkpoints", model="ViT-B-32")
-print(TASK_VECTORS_TASKS)  # ['SUN397', 'Cars', 'RESISC45', 'EuroSAT', 'SVHN', 'GTSRB', 'MNIST', 'DTD']
+print(TASK_VECTORS_TASKS)  # ('SUN397', 'Cars', 'RESISC45', 'EuroSAT', 'SVHN', 'GTSRB', 'MNIST', 'DTD')
 
 # %%
 # A few unlabeled images per task

@@ -96,7 +96,8 @@ class AdaMerging(_DataMerger):
     Parameters
     ----------
     pretrained_encoder, finetuned_encoders, heads
-        As for :class:`momaestimator.MOMAMerger`.
+        As for :class:`momaestimator.MOMAMerger`, except that the fine-tuned encoders must be
+        modules (no state dicts, checkpoint paths or loaders).
     granularity : {"task", "layer"}, default="layer"
     init_scaling : float, default=0.3
     n_steps : int, default=100
@@ -293,7 +294,8 @@ class RepresentationSurgery(_DataMerger):
     Parameters
     ----------
     pretrained_encoder, finetuned_encoders, heads
-        As for :class:`momaestimator.MOMAMerger`.
+        As for :class:`momaestimator.MOMAMerger`, except that the fine-tuned encoders must be
+        modules (no state dicts, checkpoint paths or loaders).
     base : {"task_arithmetic", "ties"}, default="task_arithmetic"
     scaling : float, default=0.3
     rank : int, default=16
@@ -409,7 +411,8 @@ class HeadFineTuning(_DataMerger):
     Parameters
     ----------
     pretrained_encoder, finetuned_encoders, heads
-        As for :class:`momaestimator.MOMAMerger`.
+        As for :class:`momaestimator.MOMAMerger`, except that the fine-tuned encoders must be
+        modules (no state dicts, checkpoint paths or loaders).
     base : {"task_arithmetic", "ties"}, default="task_arithmetic"
     scaling : float, default=0.3
     n_steps : int, default=100
@@ -537,7 +540,8 @@ class ProcrustesAlignment(_DataMerger):
     Parameters
     ----------
     pretrained_encoder, finetuned_encoders, heads
-        As for :class:`momaestimator.MOMAMerger`.
+        As for :class:`momaestimator.MOMAMerger`, except that the fine-tuned encoders must be
+        modules (no state dicts, checkpoint paths or loaders).
     base : {"task_arithmetic", "ties"}, default="task_arithmetic"
     scaling : float, default=0.3
     device : str, default="cpu"

@@ -65,7 +65,8 @@ class PretrainedHeads(_StateMerger):
     Parameters
     ----------
     pretrained_encoder, finetuned_encoders, heads
-        As for :class:`momaestimator.MOMAMerger`.
+        As for :class:`momaestimator.MOMAMerger`, except that the fine-tuned encoders must be
+        modules (no state dicts, checkpoint paths or loaders).
 
     Examples
     --------
@@ -91,7 +92,8 @@ class WeightAveraging(_StateMerger):
     Parameters
     ----------
     pretrained_encoder, finetuned_encoders, heads
-        As for :class:`momaestimator.MOMAMerger`.
+        As for :class:`momaestimator.MOMAMerger`, except that the fine-tuned encoders must be
+        modules (no state dicts, checkpoint paths or loaders).
 
     Examples
     --------
@@ -117,7 +119,8 @@ class TaskArithmetic(_StateMerger):
     Parameters
     ----------
     pretrained_encoder, finetuned_encoders, heads
-        As for :class:`momaestimator.MOMAMerger`.
+        As for :class:`momaestimator.MOMAMerger`, except that the fine-tuned encoders must be
+        modules (no state dicts, checkpoint paths or loaders).
     scaling : float, default=0.3
         λ.
 
@@ -150,7 +153,8 @@ class TiesMerging(_StateMerger):
     Parameters
     ----------
     pretrained_encoder, finetuned_encoders, heads
-        As for :class:`momaestimator.MOMAMerger`.
+        As for :class:`momaestimator.MOMAMerger`, except that the fine-tuned encoders must be
+        modules (no state dicts, checkpoint paths or loaders).
     scaling : float, default=0.3
     top_k : float, default=0.2
     merge : {"sum", "mean", "max"}, default="sum"
@@ -235,7 +239,8 @@ class IndividualExperts(_StateMerger):
     Parameters
     ----------
     pretrained_encoder, finetuned_encoders, heads
-        As for :class:`momaestimator.MOMAMerger`.
+        As for :class:`momaestimator.MOMAMerger`, except that the fine-tuned encoders must be
+        modules (no state dicts, checkpoint paths or loaders).
 
     Examples
     --------

@@ -70,13 +70,13 @@ class FitConfig:
         Steps between held-out evaluations.
     rotation_map : {"exp", "cayley"}, default="exp"
         Generator-to-rotation map.
-    autocast_dtype : torch.dtype or None, default=None
-        Autocast dtype of the encoder's forward pass.
     rotation_init : {"identity", "procrustes"}, default="identity"
         Where each ``Q_t`` starts: the identity, or the rotation that best maps the start's
         (normalised) features of the task's fit inputs onto its expert's
         (:func:`~momaestimator.merging.rotation.orthogonal_procrustes`); the fit learns
         ``Q_t = B_t exp(S_t)`` from there.
+    autocast_dtype : torch.dtype or None, default=None
+        Autocast dtype of the encoder's forward pass.
     task_batching : {"joint", "sequential"} or int, default="sequential"
         Tasks per forward/backward pass (:func:`task_groups`); gradients accumulate over passes.
     micro_batch_size : int or None, default=None
@@ -888,11 +888,15 @@ def fit_moma(
         Pretrained state dict and multi-task vector ``τ_MT`` (float entries), on the fit device.
     heads : dict of str to HeadSpec
         Frozen heads, in task order.
-    x_train, x_val : dict of str to torch.Tensor
+    x_train : dict of str to torch.Tensor
         Unlabeled fit inputs per task, on any device (host memory is fine: one batch at a time
-        moves to the fit device); ``x_val`` (may be empty) is used only for early stopping.
-    targets_train, targets_val : dict of str to (logits, features)
-        The experts' outputs on those inputs (:func:`teacher_targets`).
+        moves to the fit device).
+    targets_train : dict of str to (logits, features)
+        The experts' outputs on ``x_train`` (:func:`teacher_targets`).
+    x_val : dict of str to torch.Tensor
+        Held-out inputs per task (may be empty), used only for early stopping.
+    targets_val : dict of str to (logits, features)
+        The experts' outputs on ``x_val``.
     cfg : FitConfig
     generator : torch.Generator
         Source of all randomness (batch sampling, tie-breaking).
