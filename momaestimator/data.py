@@ -458,10 +458,7 @@ def split_inputs_and_labels(X, y=None, *, name="X"):
     if y is not None and not isinstance(y, Mapping):
         raise TypeError(f"y must be None or a dict {{task: labels}} when {name} is a dict, got {type(y).__name__}")
     y = None if y is None else task_keyed(y, "y")
-    X = task_keyed(X, name)
-    if y is not None and (unused := sorted(set(y) - set(X))):
-        warnings.warn(f"y has labels for tasks {unused} that {name} does not have; they are not used", stacklevel=3)
-    for task, src in X.items():
+    for task, src in task_keyed(X, name).items():
         lab = None
         if isinstance(src, tuple) and len(src) == 2 and not isinstance(src[0], (int, float)):
             src, lab = src

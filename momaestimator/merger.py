@@ -26,7 +26,7 @@ from .merging.fit import FitConfig, HeadSpec, fit_moma, merged_state, recomputed
 from .merging.functional import absorb_heads, clone_with_state, structure_copy
 from .merging.task_arithmetic import _ties_vector, multitask_vector
 from .merging.task_vectors import as_state_dict
-from .metrics import accuracy_per_task, check_scoring_inputs
+from .metrics import _accuracy_of_sources, check_scoring_inputs
 from .models import MergedModel
 
 __all__ = ["MOMAMerger"]
@@ -602,10 +602,10 @@ class MOMAMerger(BaseEstimator):
         """
         check_is_fitted(self, "mask_")
         device = self._check_params()
-        check_scoring_inputs(X, y, self.tasks_)  # before the merge
+        sources, labels = check_scoring_inputs(X, y, self.tasks_)  # before the merge
         model = self.transform().to(device)
         autocast = V.PRECISIONS[self.precision]
-        return accuracy_per_task(model, X, y, device=device, tasks=self.tasks_, autocast_dtype=autocast)
+        return _accuracy_of_sources(model, sources, labels, device=device, autocast_dtype=autocast)
 
     def score(self, X, y=None) -> float:
         """Mean over tasks of the absorbed model's top-1 accuracy (unweighted).

@@ -8,11 +8,13 @@ accuracy as a dict, so a model-selection search reports one column per task.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from .data import check_positional_labels, iter_task_batches, n_samples, split_inputs_and_labels
+from .data import check_positional_labels, iter_task_batches, n_samples, split_inputs_and_labels, task_keyed
 
 __all__ = ["accuracy_per_task", "check_class_labels", "check_scoring_inputs", "per_task_accuracy_scorer"]
 
@@ -145,6 +147,8 @@ def check_scoring_inputs(X, y=None, tasks=None):
     ValueError: task 'a': 2 labels for 3 inputs
     """
     sources, labels = split_inputs_and_labels(X, y)
+    if isinstance(y, Mapping) and (unused := sorted(set(task_keyed(y, "y")) - set(sources))):
+        warnings.warn(f"y has labels for tasks {unused} that X does not have; they are not used", stacklevel=3)
     if tasks is not None:
         unknown = [t for t in sources if t not in tasks]
         if unknown:
@@ -189,6 +193,11 @@ def accuracy_per_task(model, X, y=None, *, device="cpu", tasks=None, autocast_dt
     {'a': 0.5}
     """
     sources, labels = check_scoring_inputs(X, y, tasks)
+    return _accuracy_of_sources(model, sources, labels, device=device, autocast_dtype=autocast_dtype)
+
+
+def _accuracy_of_sources(model, sources, labels, *, device="cpu", autocast_dtype=None) -> dict[str, float]:
+    """:func:`accuracy_per_task` on inputs :func:`check_scoring_inputs` has split and checked."""
     dtype = next(model.parameters()).dtype
     out = {}
     for task, source in sources.items():

@@ -18,7 +18,7 @@ from ..data import materialize_inputs, split_inputs_and_labels
 from ..merging.fit import HeadSpec, teacher_targets
 from ..merging.functional import structure_copy
 from ..merging.task_vectors import as_state_dict
-from ..metrics import accuracy_per_task, check_scoring_inputs
+from ..metrics import _accuracy_of_sources, check_scoring_inputs
 
 __all__ = ["MergerBase", "count_parameters"]
 
@@ -113,8 +113,8 @@ class MergerBase(BaseEstimator):
         """
         check_is_fitted(self, "tasks_")
         device = V.resolve_device(getattr(self, "device", "cpu"))
-        check_scoring_inputs(X, y, self.tasks_)  # before the merge
-        return accuracy_per_task(self.transform().to(device), X, y, device=device, tasks=self.tasks_)
+        sources, labels = check_scoring_inputs(X, y, self.tasks_)  # before the merge
+        return _accuracy_of_sources(self.transform().to(device), sources, labels, device=device)
 
     def score(self, X, y=None) -> float:
         """Unweighted mean over tasks of :meth:`score_per_task`.
