@@ -186,8 +186,9 @@ class MOMAMerger(BaseEstimator):
         buffer. One encoder's bytes less at its peak for a little more arithmetic over the weights
         (two merges per pass instead of one per step); the same step. The encoder must use each
         block's weights only inside that block's forward (true of open_clip, timm and torchvision
-        models); a use outside fails loudly (the weights are placeholders there). Ignored when
-        ``learn_mask=False``. See the scaling guide.
+        models): a weight shared across a block's boundary is refused before any work, and any
+        other use outside fails loudly in the first passes (the weights are placeholders there).
+        Ignored when ``learn_mask=False``. See the scaling guide.
     cuda_graphs : bool, default=True
         On a CUDA device, capture each pass's encoder forward and backward as CUDA graphs after
         two eager steps and replay them for the remaining steps (same computation, one launch per
@@ -489,7 +490,8 @@ class MOMAMerger(BaseEstimator):
             spec = bool(spec)
         if isinstance(self.pretrained_encoder, torch.nn.Module):  # else _check_models says what it is
             # TypeError / ValueError naming the problem
-            recomputed_blocks(self.pretrained_encoder, spec, bool(self.recompute_merged_weights))
+            recompute = bool(self.recompute_merged_weights) if self.learn_mask else False  # ignored without a mask
+            recomputed_blocks(self.pretrained_encoder, spec, recompute)
         return spec
 
     def _reset_fitted(self):
@@ -539,7 +541,11 @@ class MOMAMerger(BaseEstimator):
 
     # ------------------------------------------------------------------ transform / score
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The absorbed encoder weights ``θ_0 + λ (m ⊙ τ_MT)`` as a new state dict (on the fit device)."""
+        """The absorbed encoder weights ``θ_0 + λ (m ⊙ τ_MT)`` as a new state dict (on the fit device).
+
+        It has the keys of the encoder's own ``state_dict()``: a tied weight appears under each of
+        its names, as one tensor, so ``encoder.load_state_dict`` takes it.
+        """
         check_is_fitted(self, "mask_")
         device = V.resolve_device(self.device)
         tasks, pre_state, fts, _ = self._check_models(values=False)
@@ -548,7 +554,10 @@ class MOMAMerger(BaseEstimator):
         theta0 = {k: v.to(device) for k, v in pre_state.items()}
         tau = self._multitask_vector(pre_state, fts, device)
         mask = {k: v.to(device) for k, v in self.mask_.items()}
-        return merged_state(theta0, tau, mask, self.scaling)
+        merged = merged_state(theta0, tau, mask, self.scaling)
+        full = self.pretrained_encoder.state_dict(keep_vars=True)
+        name_of = {id(v): k for k, v in full.items() if k in merged}  # tied names: the one merged
+        return {k: merged[k] if k in merged else merged[name_of[id(v)]] for k, v in full.items()}
 
     def transform(self, X=None):
         """Return the absorbed merged model (zero additional parameters).

@@ -111,6 +111,11 @@ def test_tied_weights_are_one_entry_and_the_absorbed_model_is_the_fitted_one(as_
     spec = HeadSpec(structure_copy(heads["x"]), dict(heads["x"].state_dict()))
     fit_logits, _ = moma_logits(structure_copy(pre), merger.merged_state_dict(), spec, merger.rotations_["x"], X["x"])
     torch.testing.assert_close(model(X["x"], "x"), fit_logits, rtol=1e-5, atol=1e-6)
+    state = merger.merged_state_dict()
+    assert list(state) == list(pre.state_dict()) and state["a.weight"] is state["b.weight"]  # both names
+    fresh = copy.deepcopy(pre)
+    fresh.load_state_dict(state)  # what the user's class takes
+    assert torch.equal(fresh(X["x"]), model.encoder(X["x"]))
 
 
 # ---------------------------------------------------------------- heads that cannot absorb a rotation

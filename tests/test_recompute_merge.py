@@ -190,6 +190,81 @@ def test_a_weight_used_outside_its_block_fails_loudly():
             merger.fit(X)
 
 
+class _Peek(nn.Module):
+    """Reads a block's weight through ``F.linear`` outside the block: on the CPU, torch 2.14 returns
+    uninitialised memory for a meta weight there instead of raising.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(12, 12) for _ in range(2)])
+        self.blocks[0].weight.requires_grad_(False)  # frozen: no backward pass asks for its gradient
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for b in self.blocks:
+            x = torch.tanh(b(x))
+        return x + nn.functional.linear(x, self.blocks[0].weight)
+
+
+class _CrossTied(nn.Module):
+    """One weight shared by two blocks (weight tying across blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(12, 12) for _ in range(2)])
+        self.blocks[1].weight = self.blocks[0].weight
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for b in self.blocks:
+            x = torch.tanh(b(x))
+        return x
+
+
+def _perturbed(pre, n=2):
+    experts = {f"t{i}": copy.deepcopy(pre) for i in range(n)}
+    for e in experts.values():
+        with torch.no_grad():
+            for p in e.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    return experts
+
+
+def test_a_placeholder_read_that_torch_would_not_refuse_still_fails_loudly():
+    torch.manual_seed(0)
+    pre = _Peek()
+    experts = _perturbed(pre)
+    heads = {t: nn.Linear(12, 3) for t in experts}
+    X = {t: torch.randn(10, 3, 2, 2) for t in experts}
+    for kw in ({"validation_fraction": 0.0}, {"validation_fraction": 0.2}, {"rotation_init": "procrustes"}):
+        merger = MOMAMerger(pre, experts, heads, n_steps=2, recompute_merged_weights=True, **kw)
+        with pytest.raises(RuntimeError, match="used a block's weights outside that block's forward"):
+            merger.fit(X)
+
+
+def test_a_weight_shared_across_block_boundaries_is_refused_before_any_work():
+    torch.manual_seed(0)
+    pre = _CrossTied()
+    calls = []
+    lazy = counting_loaders(_perturbed(pre), calls)
+    heads = {t: nn.Linear(12, 3) for t in lazy}
+    X = {t: torch.randn(10, 3, 2, 2) for t in lazy}
+    with pytest.raises(ValueError, match=r"the weight 'blocks.0.weight' is shared by \['blocks.0.weight', 'blocks.1.w"):
+        MOMAMerger(pre, lazy, heads, recompute_merged_weights=True).fit(X)
+    assert calls == []
+    MOMAMerger(pre, lazy, heads, n_steps=1).fit(X)  # fine with the merged weights kept
+
+
+def test_option_is_ignored_without_a_mask_even_where_it_could_not_apply():
+    torch.manual_seed(0)
+    flat = FlatEncoder()  # no repeated blocks: refused with a mask (see above)
+    experts = _perturbed(flat)
+    heads = {t: nn.Linear(6, 3) for t in experts}
+    X = {t: torch.randn(10, 3, 2, 2) for t in experts}
+    MOMAMerger(flat, experts, heads, learn_mask=False, recompute_merged_weights=True, n_steps=1).fit(X)
+
+
 def test_parameter_survives_clone_and_save(problem, tmp_path):
     pre, experts, heads, X = problem
     merger = MOMAMerger(pre, experts, heads, n_steps=2, recompute_merged_weights=True).fit(X)

@@ -834,22 +834,66 @@ def recomputed_blocks(encoder, gradient_checkpointing=False, recompute_merged_we
     if not recompute_merged_weights:
         return checkpointed, []
     if checkpointed:
-        return checkpointed, checkpointed
-    try:
-        return [], find_blocks(encoder, True)
-    except ValueError:
-        raise ValueError(
-            f"recompute_merged_weights=True: the encoder ({type(encoder).__name__}) has no repeated blocks "
-            "(an nn.ModuleList or nn.Sequential of modules of one class holding weights) to merge in; "
-            "name the block class(es) with gradient_checkpointing, or pass False"
-        ) from None
+        merged = checkpointed
+    else:
+        try:
+            merged = find_blocks(encoder, True)
+        except ValueError:
+            raise ValueError(
+                f"recompute_merged_weights=True: the encoder ({type(encoder).__name__}) has no repeated blocks "
+                "(an nn.ModuleList or nn.Sequential of modules of one class holding weights) to merge in; "
+                "name the block class(es) with gradient_checkpointing, or pass False"
+            ) from None
+    _check_no_weight_crosses(encoder, merged)
+    return checkpointed, merged
+
+
+def _check_no_weight_crosses(encoder, blocks) -> None:
+    """Refuse a weight that a merged block shares with a module outside it (weight tying): the block
+    makes its merged weights only while it runs, so the other use would find none.
+    """
+    names_of = {}
+    for name, p in encoder.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    for names in names_of.values():
+        homes = {next((b for b in blocks if _within(n, [b])), None) for n in names}
+        if len(homes) > 1:
+            raise ValueError(
+                f"recompute_merged_weights=True: the weight {names[0]!r} is shared by {names}, across the "
+                "boundary of a block that merges its own weights (the other use would find none); "
+                "fit this encoder with recompute_merged_weights=False"
+            )
+
+
+class _PlaceholderGuard(torch.overrides.TorchFunctionMode):
+    """Raise where an operation mixes a placeholder (``meta``) tensor with real data.
+
+    On the CPU some operations (``F.linear`` in torch 2.14) return uninitialised memory for a meta
+    weight and a real input instead of raising; the fit's first passes run under this guard so
+    that a use of placeholder weights fails loudly rather than training on garbage.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if len(tensors) > 1:
+            meta = [t.is_meta for t in tensors]
+            if any(meta) and not all(meta):
+                raise RuntimeError(f"{getattr(func, '__name__', func)} got a meta tensor together with real data")
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def _placeholders_explained(ctx):
-    """With merged weights made in the blocks: say what an error about ``meta`` tensors means."""
+    """With merged weights made in the blocks: say what an error about ``meta`` tensors means.
+
+    Until the first training step is done (``ctx.guard_placeholders``), passes run under
+    :class:`_PlaceholderGuard`.
+    """
+    guard = _PlaceholderGuard() if ctx.merged_in_blocks and ctx.guard_placeholders else contextlib.nullcontext()
     try:
-        yield
+        with guard:
+            yield
     except (RuntimeError, NotImplementedError) as exc:
         if not ctx.merged_in_blocks or "meta" not in str(exc):
             raise
@@ -949,7 +993,8 @@ def fit_moma(
     # `recompute_merged_weights` the blocks' entries are left out: each block merges its own as it
     # runs (and again in backward), and their gradients gather in the scores' own `.grad`.
     ctx.leaves, ctx.theta, ctx.threshold, ctx.holders, block_merge = {}, theta0, None, [], None
-    ckpt_blocks, merge_blocks = recomputed_blocks(skeleton, cfg.gradient_checkpointing, cfg.recompute_merged_weights)
+    recompute = cfg.recompute_merged_weights if cfg.use_mask else False  # nothing to merge without a mask
+    ckpt_blocks, merge_blocks = recomputed_blocks(skeleton, cfg.gradient_checkpointing, recompute)
     if ctx.mask is not None:
         # weights are differentiated; float buffers (BatchNorm's running statistics) are merged and
         # masked too but take no gradient (batch_norm refuses one): their scores keep their start
@@ -970,6 +1015,7 @@ def fit_moma(
     # blocks, evaluation runs on it too (the blocks' merged weights exist nowhere else)
     ctx.pass_skeleton = ctx.eval_skeleton = skeleton
     ctx.merged_in_blocks = block_merge is not None and bool(block_merge.scores)
+    ctx.guard_placeholders = True  # until the first training step is done (see _placeholders_explained)
     if ctx.merged_in_blocks:
         ctx.pass_skeleton = ctx.eval_skeleton = recompute_blocks(
             skeleton, merge_blocks, activations=bool(ckpt_blocks), merge=block_merge
@@ -1030,6 +1076,7 @@ def fit_moma(
             batches = {t: torch.randperm(len(x_train[t]), generator=generator)[: cfg.batch_size] for t in ctx.tasks}
             with _placeholders_explained(ctx):
                 loss, per_task = train_step(ctx, batches, step)
+            ctx.guard_placeholders = False  # every pass has run once without touching a placeholder
             if ctx.trim_heap:
                 release_free_memory()
             n_iter = step
