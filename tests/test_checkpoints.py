@@ -825,7 +825,7 @@ def test_merge_command_reports_missing_checkpoints_without_a_traceback(tmp_path,
         "--model-config",
         str(FIXTURES / "tiny-ViT.json"),
         "--data",
-        str(tmp_path),
+        str(_npz(tmp_path / "dtd.npz", names=("dtd",))),
         "--out",
         str(tmp_path),
     ]
@@ -833,6 +833,13 @@ def test_merge_command_reports_missing_checkpoints_without_a_traceback(tmp_path,
         main(args)
     assert info.value.code == 2
     assert "DTD/finetuned.pt" in capsys.readouterr().err
+
+
+def _png(path: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(path)
+    return path
 
 
 def _npz(path: Path, names=("sun397", "cars", "mnist"), n=4) -> Path:
@@ -892,6 +899,12 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "partial.json").write_text('{"embed_dim": 16}')
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    _npz(tmp_path / "two.npz", names=("sun397", "cars"))
+    for task in ("SUN397", "Cars", "MNIST"):
+        (tmp_path / "images" / task).mkdir(parents=True)
+        _png(tmp_path / "images" / task / "a.png")
+    (tmp_path / "images" / "MNIST" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     no_gpu = f"cuda:{torch.cuda.device_count()}"
     return {
         "unknown architecture": (_replace(_replace(args, "--model", "NotAnArch"), "--model-config"), "NotAnArch"),
@@ -904,6 +917,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "no such GPU": (args + ["--device", no_gpu], f"--device {no_gpu}"),
         "not a device": (args + ["--device", "gpu-please"], "gpu-please"),
         "missing data": (_replace(args, "--data", str(tmp_path / "nope")), "nope"),
+        "corrupt npz": (_replace(args, "--data", str(tmp_path / "corrupt.npz")), "cannot read it as an .npz"),
+        "npz without a task": (_replace(args, "--data", str(tmp_path / "two.npz")), "no samples for tasks ['MNIST']"),
+        "unreadable image": (_replace(args, "--data", str(tmp_path / "images")), "broken.png: cannot read the image"),
     }
 
 
@@ -920,6 +936,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "no such GPU",
         "not a device",
         "missing data",
+        "corrupt npz",
+        "npz without a task",
+        "unreadable image",
     ],
 )
 def test_merge_command_reports_bad_inputs_before_loading_without_a_traceback(tmp_path, capsys, no_loading, case):

@@ -28,6 +28,7 @@ from momaestimator.checkpoints.releases import (
     head_from_checkpoint,
     load_tall_masks_release,
     load_task_vectors_release,
+    release_task_names,
 )
 from momaestimator.checkpoints.safe_pickle import LegacyObject, legacy_state_dict
 
@@ -53,5 +54,6 @@ __all__ = [
     "matching_state",
     "open_clip_model_config",
     "read_checkpoint",
+    "release_task_names",
     "save_merged_model",
 ]

@@ -32,6 +32,7 @@ from momaestimator.checkpoints.releases import (
     canonical_task_name,
     load_tall_masks_release,
     load_task_vectors_release,
+    release_task_names,
 )
 
 __all__ = ["main"]
@@ -233,6 +234,40 @@ def _load_image_folder(path: Path, tasks: list[str], image_size, max_per_task) -
     return data
 
 
+def _precheck_data(args, tasks: list[str]) -> dict[str, torch.Tensor] | None:
+    """Read (an .npz) or verify (an image folder) ``--data`` before any checkpoint is loaded.
+
+    Returns the arrays of an .npz (read once); an image folder is decoded after loading, at the
+    model's image size, but every image it will use is checked to open here.
+    """
+    if args.data.suffix == ".npz":
+        data = _load_npz(args.data, tasks)
+        if args.max_per_task is not None:
+            data = {t: x[: args.max_per_task] for t, x in data.items()}
+    else:
+        from PIL import Image
+
+        data = {}
+        for folder in sorted(p for p in args.data.iterdir() if p.is_dir()):
+            task = _task_for(folder.name, tasks)
+            if task is None:
+                continue
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[: args.max_per_task]
+            if not files:
+                raise _CommandError(f"{folder}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+            for file in files:
+                try:
+                    with Image.open(file) as image:
+                        image.verify()
+                except OSError as err:  # PIL.UnidentifiedImageError included
+                    raise _CommandError(f"{file}: cannot read the image ({err})") from err
+            data[task] = None
+    missing = [t for t in tasks if t not in data]
+    if missing:
+        raise _CommandError(f"--data {args.data} has no samples for tasks {missing}; it must cover {tasks}")
+    return data if args.data.suffix == ".npz" else None
+
+
 def _load_data(args, tasks: list[str], image_size) -> dict[str, torch.Tensor]:
     if args.data.suffix == ".npz":
         data = _load_npz(args.data, tasks)
@@ -337,8 +372,11 @@ def _check_out(out: Path) -> None:
         raise _CommandError(f"--out {out}: {parent} is a file, not a folder")
 
 
-def _check_inputs(args) -> tuple[dict | None, list[str] | int | None]:
-    """Check everything that can be checked before loading a checkpoint; return (model_cfg, tasks)."""
+def _check_inputs(args):
+    """Check everything that can be checked before loading a checkpoint, the data included.
+
+    Returns ``(model_cfg, tasks as given, the release's task names, the .npz data or None)``.
+    """
     model_cfg = _read_model_config(args)
     tasks = args.tasks
     if tasks is not None and len(tasks) == 1 and tasks[0].isdigit():
@@ -354,13 +392,17 @@ def _check_inputs(args) -> tuple[dict | None, list[str] | int | None]:
         raise _CommandError(f"--data {args.data}: expected an image folder or an .npz file")
     _check_out(args.out)
     _check_device(args.device)
-    return model_cfg, tasks
+    try:
+        names = release_task_names(args.release, tasks)
+    except ValueError as err:
+        raise _CommandError(str(err)) from err
+    return model_cfg, tasks, names, _precheck_data(args, names)
 
 
 def _merge(args) -> int:
     from momaestimator.merger import MOMAMerger
 
-    model_cfg, tasks = _check_inputs(args)
+    model_cfg, tasks, expected, npz_data = _check_inputs(args)
     start = time.perf_counter()
     _log(args, f"loading the {args.release} release from {args.root / args.model} ...")
     try:
@@ -371,7 +413,9 @@ def _merge(args) -> int:
     names = list(finetuned)
     _log(args, f"loaded {len(names)} tasks ({', '.join(names)}) in {time.perf_counter() - start:.1f} s")
 
-    data = _load_data(args, names, getattr(pretrained, "image_size", 224))
+    if names != expected:  # the loader resolves names as release_task_names does
+        raise _CommandError(f"the release loaded tasks {names}, expected {expected}")
+    data = npz_data if npz_data is not None else _load_data(args, names, getattr(pretrained, "image_size", 224))
     _log(args, "data: " + ", ".join(f"{t} {tuple(x.shape)}" for t, x in data.items()))
 
     # The experts' predictions are the reference: the data is unlabeled.

@@ -27,6 +27,7 @@ __all__ = [
     "head_from_checkpoint",
     "load_tall_masks_release",
     "load_task_vectors_release",
+    "release_task_names",
 ]
 
 #: The eight tasks of the task_vectors release, in its order.
@@ -113,6 +114,36 @@ def _resolve_tasks(tasks, default, lists=None) -> list[str]:
     if not names:
         raise ValueError("tasks is empty")
     return names
+
+
+def release_task_names(release: str, tasks=None) -> list[str]:
+    """The task names a release loader reads for ``tasks``, without touching any file.
+
+    Parameters
+    ----------
+    release : {"task_vectors", "tall_masks"}
+        The release layout.
+    tasks : list of str, int or None
+        As the loaders take it (``None``: the release's default tasks; an int: the TALL-masks
+        8/14/20-task suites).
+
+    Returns
+    -------
+    list of str
+        Canonical task names, in the loader's order.
+
+    Examples
+    --------
+    >>> release_task_names("tall_masks", 14)[-2:]
+    ['CIFAR100', 'PCAM']
+    >>> release_task_names("task_vectors", ["mnist", "stanford_cars"])
+    ['MNIST', 'Cars']
+    """
+    if release == "tall_masks":
+        return _resolve_tasks(tasks, TALL_MASKS_TASKS[:8], {n: TALL_MASKS_TASKS[:n] for n in (8, 14, 20)})
+    if release == "task_vectors":
+        return _resolve_tasks(tasks, TASK_VECTORS_TASKS)
+    raise ValueError(f"unknown release {release!r}; expected 'task_vectors' or 'tall_masks'")
 
 
 def _find(parent: Path, task: str, *, prefix="", suffix="", is_dir: bool) -> Path | None:
@@ -294,7 +325,7 @@ def load_task_vectors_release(root, model="ViT-B-32", tasks=None, *, model_cfg=N
     True
     """
     model_dir = _model_dir(root, model)
-    names = _resolve_tasks(tasks, TASK_VECTORS_TASKS)
+    names = release_task_names("task_vectors", tasks)
     finetuned, heads = {}, {}
     for task in names:
         folder = _find(model_dir, task, is_dir=True)
@@ -357,8 +388,7 @@ def load_tall_masks_release(root, model="ViT-B-32", tasks=None, *, model_cfg=Non
     True
     """
     model_dir = _model_dir(root, model)
-    lists = {n: TALL_MASKS_TASKS[:n] for n in (8, 14, 20)}
-    names = _resolve_tasks(tasks, TALL_MASKS_TASKS[:8], lists)
+    names = release_task_names("tall_masks", tasks)
     finetuned, heads = {}, {}
     for task in names:
         folder = _find(model_dir, task, suffix="Val", is_dir=True)
