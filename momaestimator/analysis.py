@@ -69,8 +69,10 @@ def _head_parts(head):
 
 
 def _logits(head, z):
-    dtype = next((v.dtype for v in head.state_dict().values() if v.is_floating_point()), torch.float32)
-    return head(z.to(dtype)).double()
+    """``head(z)`` in the head's dtype and on its device; float64 logits on the CPU."""
+    ref = next((v for v in head.state_dict().values() if v.is_floating_point()), None)
+    dtype, device = (torch.float32, z.device) if ref is None else (ref.dtype, ref.device)
+    return head(z.to(device=device, dtype=dtype)).double().cpu()
 
 
 def _knn_accuracy(z, y, k):
@@ -157,16 +159,18 @@ def misalignment_report(
     pre = as_state_dict(pretrained_encoder, name="pretrained_encoder")
     tau = multitask_vector(pre, fts, base=base, top_k=top_k)
     theta = merged_state(pre, tau, None, scaling)
-    skeleton = structure_copy(pretrained_encoder)
+    device = next(iter(pre.values())).device  # where the user's models are (a GPU too)
+    skeleton = structure_copy(pretrained_encoder, device=device)
     dtype = next((v.dtype for v in pre.values() if v.is_floating_point()), torch.float32)
     rows = []
     with torch.no_grad():
         for t in tasks:
-            ft_state = as_state_dict(fts[t])
+            ft_state = {k: v.to(device) for k, v in as_state_dict(fts[t]).items()}
             feats = {}
             for split, (x, _) in (("fit", fit_data[t]), ("eval", eval_data[t])):
-                x = x.to(dtype)  # the models' dtype (float64 and half-precision models too)
-                feats[split] = (encode(skeleton, theta, x).double(), encode(skeleton, ft_state, x).double())
+                x = x.to(device=device, dtype=dtype)  # the models' dtype (float64 and half precision too)
+                # the analysis itself runs in float64 on the CPU (the features are small)
+                feats[split] = tuple(encode(skeleton, s, x).cpu().double() for s in (theta, ft_state))
             rows.append(_task_row(t, heads[t], feats, eval_data[t][1], n_neighbors, ridge, threshold, max_distortion))
     return rows
 

@@ -50,8 +50,8 @@ def make_tower(*, image_size=8, patch_size=4, width=16, layers=1, heads=2, outpu
     >>> make_tower()(torch.zeros(2, 3, 8, 8)).shape
     torch.Size([2, 8])
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(random_state)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only: CUDA generators are left alone
+        torch.random.default_generator.manual_seed(random_state)
         return VisionTransformer(
             image_size=image_size,
             patch_size=patch_size,
@@ -159,7 +159,7 @@ def make_problem(
         expert = copy.deepcopy(pre).train()
         opt = torch.optim.Adam(expert.parameters(), lr=1e-2)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(random_state + t)
+            torch.random.default_generator.manual_seed(random_state + t)
             for _ in range(finetune_steps):
                 loss = nn.functional.cross_entropy(nn.functional.linear(_maybe_norm(expert(x), normalize), weight), y)
                 opt.zero_grad()

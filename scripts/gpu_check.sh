@@ -34,7 +34,7 @@ part() {  # part NAME LIMIT_S COMMAND...: run unless its limit is 0
 }
 SCALE="$PY -m momaestimator.bench.scale --device cuda --batch-size ${BATCH:-16} --n-steps ${STEPS:-6}"
 GRAPHS=${GRAPHS:-on off}
-part gpu_tests "${TESTS_S:-120}" $PY -m pytest -q -ra -p no:cacheprovider -o addopts="" tests/test_gpu.py
+part gpu_tests "${TESTS_S:-180}" $PY -m pytest -q -ra -p no:cacheprovider -o addopts="" tests/test_gpu.py
 part scale_cuda_b32 "${B32_S:-220}" $SCALE --tasks 2 4 8 --methods moma adamerging_layerwise \
   --task-batching sequential joint --cuda-graphs $GRAPHS --out "$OUT/scale_cuda_b32.json"
 part scale_cuda_ckpt "${CKPT_S:-100}" $SCALE --tasks 2 4 8 --methods moma --task-batching 2 4 sequential \

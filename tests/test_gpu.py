@@ -189,3 +189,36 @@ def test_cuda_graph_capture_failure_falls_back_to_eager(problem, unlabeled):
     assert [h["loss"] for h in fallback.history_] == pytest.approx([h["loss"] for h in eager.history_], rel=1e-5)
     # the device is usable after the failed capture
     assert torch.cuda.is_available() and float(torch.ones(2, device="cuda").sum()) == 2.0
+
+
+@pytest.mark.parametrize("name", ["RepresentationSurgery", "HeadFineTuning"])
+def test_baselines_fitted_on_cuda_models_return_a_model_that_runs_there(problem, unlabeled, name):
+    import momaestimator.baselines as B
+
+    pre, experts, heads, data = problem
+    on = [copy.deepcopy(m).cuda() for m in (pre, *experts.values(), *heads.values())]
+    pre_c, experts_c = on[0], dict(zip(experts, on[1 : 1 + len(experts)]))
+    heads_c = dict(zip(heads, on[1 + len(experts) :]))
+    kw = {"n_steps": 3, "random_state": 0, "device": "cuda"}
+    merger = getattr(B, name)(pre_c, experts_c, heads_c, **kw).fit(unlabeled)
+    model = merger.transform()
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    x, _ = data["task0"]
+    with torch.no_grad():
+        on_gpu = model(x.cuda(), "task0").cpu()
+    cpu = getattr(B, name)(pre, experts, heads, **{**kw, "device": "cpu"}).fit(unlabeled)
+    with torch.no_grad():
+        assert torch.allclose(on_gpu, cpu.transform()(x, "task0"), rtol=1e-3, atol=1e-3)
+
+
+def test_misalignment_report_on_cuda_models_matches_the_cpu_one(problem):
+    from momaestimator.analysis import misalignment_report
+
+    pre, experts, heads, data = problem
+    on = [copy.deepcopy(m).cuda() for m in (pre, *experts.values(), *heads.values())]
+    pre_c, experts_c = on[0], dict(zip(experts, on[1 : 1 + len(experts)]))
+    heads_c = dict(zip(heads, on[1 + len(experts) :]))
+    gpu = misalignment_report(pre_c, experts_c, heads_c, data)
+    cpu = misalignment_report(pre, experts, heads, data)
+    for a, b in zip(gpu, cpu):
+        assert a["task"] == b["task"] and a["agreement_merged"] == pytest.approx(b["agreement_merged"], abs=0.05)

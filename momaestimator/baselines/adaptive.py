@@ -83,6 +83,11 @@ class _DataMerger(MergerBase):
         )
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    """Where a module's first parameter or buffer lives (the CPU for one without tensors)."""
+    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+
+
 class AdaMerging(_DataMerger):
     """AdaMerging: learn merging coefficients by minimising prediction entropy on unlabeled data.
 
@@ -364,8 +369,8 @@ class RepresentationSurgery(_DataMerger):
             targets = {t: self._teacher(skeleton, fts[t], heads[t], x[t], device)[1].to(work) for t in tasks}
         dim = feats[tasks[0]].shape[1]
         gen = _generator(self.random_state)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
+        with torch.random.fork_rng(devices=[]):  # seeds (and restores) the CPU generator only
+            torch.random.default_generator.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
             adapters = nn.ModuleDict({t: _adapter(dim, self.rank) for t in tasks}).to(device, work)
         opt = torch.optim.Adam(adapters.parameters(), lr=self.lr)
         history = []
@@ -397,8 +402,11 @@ class RepresentationSurgery(_DataMerger):
         """
         check_is_fitted(self, "adapters_")
         heads = _copy_heads(V.check_task_dict(self.heads, "heads"), self.tasks_)
-        adapters = {t: copy.deepcopy(self.adapters_[t]) for t in self.tasks_}  # the model is the user's to change
-        return SurgeryModel(self._base_encoder(), adapters, heads).eval()
+        encoder = self._base_encoder()
+        device = _device_of(encoder)  # the adapters work on the encoder's features, where it lives
+        # copies: the model is the user's to change
+        adapters = {t: copy.deepcopy(self.adapters_[t]).to(device) for t in self.tasks_}
+        return SurgeryModel(encoder, adapters, heads).eval()
 
 
 class HeadFineTuning(_DataMerger):
@@ -523,7 +531,10 @@ class HeadFineTuning(_DataMerger):
         """
         check_is_fitted(self, "head_states_")
         heads = V.check_task_dict(self.heads, "heads")
-        new = {t: clone_with_state(heads[t], self.head_states_[t]) for t in self.tasks_}
+        new = {}
+        for t in self.tasks_:  # each tuned head where the user's head lives
+            device = _device_of(heads[t])
+            new[t] = clone_with_state(heads[t], {k: v.to(device) for k, v in self.head_states_[t].items()})
         return MergedModel(self._base_encoder(), new).eval()
 
 

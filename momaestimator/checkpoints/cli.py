@@ -286,9 +286,12 @@ def _load_data(args, tasks: list[str], image_size) -> dict[str, torch.Tensor]:
 def _on(module, device):
     """``module`` on ``device``: itself when already there, else a copy (the merger still uses it)."""
     param = next(module.parameters(), None)
-    if param is None or param.device == torch.device(device):
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is None:  # "cuda" is the current CUDA device: compare indices
+        target = torch.device("cuda", torch.cuda.current_device())
+    if param is None or param.device == target:
         return module
-    return copy.deepcopy(module).to(device)
+    return copy.deepcopy(module).to(target)
 
 
 def _floating_dtype(module) -> torch.dtype:

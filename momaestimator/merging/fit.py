@@ -519,6 +519,7 @@ def _capture_passes(ctx, batches) -> None:
     items = list(batches.items())
     torch.cuda.empty_cache()  # the eager steps' cached blocks: the graphs get their own pool
     buffers, graphs = {}, []
+    current = torch.cuda.current_stream(ctx.device)
     try:
         with torch.cuda.device(ctx.device):  # captures (and their pool) on the fit device, whichever is current
             pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=ctx.device)
@@ -545,6 +546,9 @@ def _capture_passes(ctx, batches) -> None:
             RuntimeWarning,
             stacklevel=4,
         )
+        # torch.cuda.graph's exit ends the capture before it restores the stream: when ending
+        # raises, the capture stream stays current; give the device its stream back
+        torch.cuda.set_stream(current)
         torch.cuda.synchronize(ctx.device)
         graphs = None
     ctx.graphs = graphs
