@@ -135,7 +135,7 @@ def release_task_names(release: str, tasks=None) -> list[str]:
     Examples
     --------
     >>> release_task_names("tall_masks", 14)[-2:]
-    ['CIFAR100', 'PCAM']
+    ['PCAM', 'FER2013']
     >>> release_task_names("task_vectors", ["mnist", "stanford_cars"])
     ['MNIST', 'Cars']
     """
