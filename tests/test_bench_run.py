@@ -125,3 +125,13 @@ def test_cli_refuses_bad_arguments_before_building_anything(argv, match, capsys,
         cli.main(argv)
     assert exit_info.value.code == 2
     assert match in capsys.readouterr().err
+
+
+def test_the_spread_over_seeds_is_the_sample_standard_deviation():
+    from momaestimator.bench.run import _aggregate
+
+    rows = [{"per_task": {"a": v}, "mean": v, "normalized_mean": v, "extra_params": 0, "fit_seconds": 1.0,
+             "peak_memory_mb": 0.0} for v in (1.0, 3.0)]  # fmt: skip
+    out = _aggregate(rows)
+    assert out["mean"] == 2.0 and out["std"]["mean"] == pytest.approx(2**0.5)  # ddof=1, not 1.0
+    assert out["std"]["per_task"]["a"] == pytest.approx(2**0.5)

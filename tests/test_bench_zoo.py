@@ -36,7 +36,7 @@ def built(tmp_path_factory):
     start = time.perf_counter()
     warm = build_zoo(TASKS, seed=0, config=config, cache_dir=cache, verbose=False)
     warm_seconds = time.perf_counter() - start
-    return cold, warm, cold_seconds, warm_seconds
+    return cold, warm, cold_seconds, warm_seconds, cache
 
 
 def _same_weights(a, b):
@@ -105,7 +105,7 @@ def test_experts_beat_pretrained_on_their_own_task(built):
 
 
 def test_cache_loads_equal_weights_fast(built):
-    cold, warm, cold_seconds, warm_seconds = built
+    cold, warm, cold_seconds, warm_seconds, _ = built
     assert warm.build_seconds["cached"] is True
     assert warm_seconds < cold_seconds / 3
     assert _same_weights(cold.pretrained, warm.pretrained)
@@ -121,7 +121,7 @@ def test_same_seed_gives_bit_identical_expert(built):
     config = cold.config
     pre_state = cold.pretrained.state_dict()
     with zoo_module._Threads(config.num_threads):  # float reductions depend on the thread count
-        out = zoo_module._expert(config, 0, "faces", lambda fields, seed: {"state": pre_state})
+        out = zoo_module._expert(config, 0, "faces", lambda fields, seed, code="": {"state": pre_state})
     rebuilt = zoo_module.make_tower(config)
     rebuilt.load_state_dict(out["state"])
     assert _same_weights(rebuilt, cold.experts["faces"])
@@ -157,3 +157,33 @@ def test_uncached_rebuild_is_bit_identical(built):
     assert again.build_seconds["cached"] is False
     assert _same_weights(again.pretrained, cold.pretrained)
     assert _same_weights(again.experts["faces"], cold.experts["faces"])
+
+
+def test_changed_code_or_data_sources_are_never_served_from_the_cache(built, monkeypatch):
+    import dataclasses
+
+    from joblib import Memory
+
+    cache, config = built[4], quick_config()
+    memory = Memory(str(cache), verbose=0)
+    pretrain = memory.cache(zoo_module._pretrain)
+    expert = memory.cache(zoo_module._expert, ignore=["pretrain_cache"])
+    fields, key, code = zoo_module._pretrain_fields(config), dataclasses.replace(config, num_threads=None), None
+    code = zoo_module.code_version()
+    assert pretrain.check_call_in_cache(fields, 0, code)
+    assert expert.check_call_in_cache(key, 0, "digits", pretrain, code)
+    # another version of the benchmark's code or data: neither the tower nor an expert is reused
+    assert not pretrain.check_call_in_cache(fields, 0, "another version")
+    assert not expert.check_call_in_cache(key, 0, "digits", pretrain, "another version")
+    monkeypatch.setenv("MOMA_FASHION_MNIST_DIR", "/elsewhere")
+    assert zoo_module.code_version() != code
+
+
+def test_pretraining_and_anchor_images_are_disjoint_for_any_anchor_pool_size():
+    config = quick_config()  # anchor_pool_size 256, not the default 4096
+    pretrain_config = ZooConfig(**zoo_module._pretrain_fields(config))  # what _pretrain rebuilds
+    X_pretrain, _ = zoo_module._pool(pretrain_config, 0)
+    X_part, X_anchor = zoo_module._pool(config, 0)  # the partition of one pool the experts' anchors use
+    assert torch.equal(X_pretrain, X_part)  # so pretraining images are never anchor images
+    seen = {row.numpy().tobytes() for row in X_pretrain}
+    assert sum(row.numpy().tobytes() in seen for row in X_anchor) <= 2  # the pool's own duplicates (was 64)

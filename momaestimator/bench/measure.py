@@ -40,8 +40,10 @@ class PeakMemory:
     >>> m.peak_mb >= 0.0, m.seconds >= 0.0
     (True, True)
 
-    Memory the process freed earlier is reused before the resident set grows, so measure in a fresh
-    process (as ``python -m momaestimator.bench.scale`` does) for numbers you want to compare.
+    On CPU, freed heap memory is handed back to the system on entry (``gc.collect`` and glibc's
+    ``malloc_trim``); memory the process still holds elsewhere is reused before the resident set
+    grows, so measure in a fresh process (as ``python -m momaestimator.bench.scale`` does) for
+    numbers you want to compare.
     """
 
     def __init__(self, device="cpu", interval=0.002):
@@ -56,6 +58,14 @@ class PeakMemory:
             self._start_mem = torch.cuda.memory_allocated(self.device)
             self._start_reserved = torch.cuda.memory_reserved(self.device)
         else:
+            # freed heap memory back to the system first, so growth into it is counted (it would
+            # otherwise be reused without the resident set growing)
+            import gc
+
+            from ..merging.fit import release_free_memory
+
+            gc.collect()
+            release_free_memory()
             self._start_mem = self._peak = rss_bytes()
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()

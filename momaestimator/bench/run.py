@@ -164,10 +164,11 @@ def _aggregate(rows):
         "extra_params": rows[0]["extra_params"],
         "fit_seconds": float(np.mean([r["fit_seconds"] for r in rows])),
         "peak_memory_mb": float(np.mean([r["peak_memory_mb"] for r in rows])),
+        # the sample standard deviation over seeds (ddof=1), as the report's "±" says
         "std": {
-            "mean": float(np.std([r["mean"] for r in rows])),
-            "normalized_mean": float(np.std([r["normalized_mean"] for r in rows])),
-            "per_task": {t: float(np.std([r["per_task"][t] for r in rows])) for t in rows[0]["per_task"]},
+            "mean": float(np.std([r["mean"] for r in rows], ddof=1)),
+            "normalized_mean": float(np.std([r["normalized_mean"] for r in rows], ddof=1)),
+            "per_task": {t: float(np.std([r["per_task"][t] for r in rows], ddof=1)) for t in rows[0]["per_task"]},
         },
         "seeds": rows,
     }

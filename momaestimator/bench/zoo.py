@@ -40,6 +40,7 @@ import copy
 import dataclasses
 import math
 import os
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ __all__ = [
     "ZooConfig",
     "accuracy",
     "build_zoo",
+    "code_version",
     "default_cache_dir",
     "encode",
     "make_tower",
@@ -172,6 +174,7 @@ class ZooConfig:
 # Fields that determine the pretrained tower (its cache key); the rest only affect heads/experts.
 _PRETRAIN_FIELDS = (
     "image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "output_dim", "pool_size",
+    "anchor_pool_size",  # the pool's size decides which images the pretraining part gets
     "n_clusters", "pca_components", "pretrain_steps", "pretrain_batch_size", "pretrain_lr",
     "pretrain_weight_decay", "pretrain_logit_scale", "device",
 )  # fmt: skip
@@ -516,8 +519,43 @@ class _Threads:
         torch.set_num_threads(self.old)
 
 
-def _pretrain(pretrain_fields: dict, seed: int):
-    """Pretrained tower state dict, anchor targets and timing (cached by the caller)."""
+def code_version() -> str:
+    """A fingerprint of everything besides the config that decides the zoo: the benchmark's own
+    sources (zoo, datasets, the models it builds on) and the versions of the packages that compute
+    or ship its data. Part of every cache key, so that changed code never reuses a stale zoo.
+
+    Returns
+    -------
+    str
+        A hex digest.
+
+    Examples
+    --------
+    >>> len(code_version())
+    64
+    """
+    import hashlib
+    from importlib import metadata
+
+    from .. import models
+    from . import datasets
+
+    digest = hashlib.sha256()
+    for module in (sys.modules[__name__], datasets, models):
+        digest.update(Path(module.__file__).read_bytes())
+    for dist in ("torch", "open_clip_torch", "numpy", "scikit-learn", "scikit-image", "mlxtend", "animal-mnist"):
+        try:
+            digest.update(f"{dist}={metadata.version(dist)};".encode())
+        except metadata.PackageNotFoundError:
+            digest.update(f"{dist}=absent;".encode())
+    digest.update(os.environ.get("MOMA_FASHION_MNIST_DIR", "").encode())
+    return digest.hexdigest()
+
+
+def _pretrain(pretrain_fields: dict, seed: int, code: str = ""):
+    """Pretrained tower state dict, anchor targets and timing (cached by the caller; ``code``, the
+    :func:`code_version`, is part of the cache key only).
+    """
     config = ZooConfig(**pretrain_fields)
     start = time.perf_counter()
     X_pool, _ = _pool(config, seed)
@@ -542,9 +580,11 @@ def _class_mean_head(features: torch.Tensor, y: torch.Tensor, n_classes: int, sc
     return head.eval()
 
 
-def _expert(config: ZooConfig, seed: int, task: str, pretrain_cache):
-    """Head weights, expert state dict and timing for one task (cached by the caller)."""
-    pre = pretrain_cache(_pretrain_fields(config), seed)
+def _expert(config: ZooConfig, seed: int, task: str, pretrain_cache, code: str = ""):
+    """Head weights, expert state dict and timing for one task (cached by the caller; ``code`` is
+    part of the key: the experts' key covers the pretrained tower's code and settings too).
+    """
+    pre = pretrain_cache(_pretrain_fields(config), seed, code)
     start = time.perf_counter()
     split = _load_split(task, seed, config)
     tower = make_tower(config)
@@ -637,20 +677,22 @@ def _build(tasks, seed, config, memory, verbose):
         if verbose:
             print(f"[zoo] {msg}", flush=True)
 
-    fields = _pretrain_fields(config)
-    if not hasattr(pretrain_cached, "check_call_in_cache") or not pretrain_cached.check_call_in_cache(fields, seed):
+    fields, code = _pretrain_fields(config), code_version()
+    if not hasattr(pretrain_cached, "check_call_in_cache") or not pretrain_cached.check_call_in_cache(
+        fields, seed, code
+    ):
         cached = False
     t0 = time.perf_counter()
-    pre = pretrain_cached(fields, seed)
+    pre = pretrain_cached(fields, seed, code)
     seconds["pretrain"] = pre["seconds"]
     log(f"pretrained tower: {pre['seconds']:.1f} s to build, {time.perf_counter() - t0:.1f} s now")
 
     experts, heads, data = {}, {}, {}
     for task in tasks:
-        if cached and not expert_cached.check_call_in_cache(key, seed, task, pretrain_cached):
+        if cached and not expert_cached.check_call_in_cache(key, seed, task, pretrain_cached, code):
             cached = False
         t0 = time.perf_counter()
-        out = expert_cached(key, seed, task, pretrain_cached)
+        out = expert_cached(key, seed, task, pretrain_cached, code)
         experts[task] = _tower_from_state(config, out["state"])
         head = LinearHead(out["head_weight"], out["head_bias"], normalize=True)
         heads[task] = head.requires_grad_(False).eval()
