@@ -112,7 +112,6 @@ def check_class_labels(labels, task, *, n_classes=None) -> np.ndarray:
     return arr
 
 
-@torch.no_grad()
 def check_scoring_inputs(X, y=None, tasks=None):
     """Split labelled inputs per task and check them before any model runs.
 
@@ -196,6 +195,7 @@ def accuracy_per_task(model, X, y=None, *, device="cpu", tasks=None, autocast_dt
     return _accuracy_of_sources(model, sources, labels, device=device, autocast_dtype=autocast_dtype)
 
 
+@torch.no_grad()
 def _accuracy_of_sources(model, sources, labels, *, device="cpu", autocast_dtype=None) -> dict[str, float]:
     """:func:`accuracy_per_task` on inputs :func:`check_scoring_inputs` has split and checked."""
     dtype = next(model.parameters()).dtype
@@ -209,7 +209,7 @@ def _accuracy_of_sources(model, sources, labels, *, device="cpu", autocast_dtype
             if not torch.isfinite(x).all():
                 raise ValueError(f"X[{task!r}] contains NaN or infinite values")
             try:
-                with torch.no_grad(), torch.autocast(x.device.type, autocast_dtype, enabled=autocast_dtype is not None):
+                with torch.autocast(x.device.type, autocast_dtype, enabled=autocast_dtype is not None):
                     logits = model(x, task)
             except RuntimeError as exc:
                 raise ValueError(
