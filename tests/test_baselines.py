@@ -215,3 +215,33 @@ def test_models_of_int_keyed_tasks_serve_int_keys(problem, unlabeled, name):
     x = unlabeled["task1"][:3]
     with torch.no_grad():
         assert torch.equal(model(x, 1), model(x, "1"))
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        TaskArithmetic,
+        TiesMerging,
+        WeightAveraging,
+        PretrainedHeads,
+        IndividualExperts,
+        AdaMerging,
+        RepresentationSurgery,
+        HeadFineTuning,
+        ProcrustesAlignment,
+    ],
+)
+def test_a_failed_refit_leaves_a_baseline_unfitted(problem, unlabeled, cls):
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    pre, experts, heads, data = problem
+    kw = {"n_steps": 2} if "n_steps" in cls().get_params() else {}
+    merger = cls(pre, experts, heads, **kw).fit(unlabeled)
+    check_is_fitted(merger)
+    merger.set_params(heads=None)  # the refit fails while checking the models
+    with pytest.raises(TypeError):
+        merger.fit(unlabeled)
+    with pytest.raises(NotFittedError):
+        check_is_fitted(merger)
+    assert not [k for k in vars(merger) if k.endswith("_") and not k.startswith("_")]

@@ -109,7 +109,7 @@ class AdaMerging(_DataMerger):
     lr : float, default=1e-3
     batch_size : int, default=16
     device : str, default="cpu"
-    random_state : int or None, default=None
+    random_state : int, RandomState instance or None, default=None
 
     Examples
     --------
@@ -160,6 +160,7 @@ class AdaMerging(_DataMerger):
         -------
         self
         """
+        self._reset_fitted()  # a failed refit leaves the estimator unfitted, not half old
         V.check_choice(self.granularity, "granularity", ("task", "layer"))
         V.check_number(self.init_scaling, "init_scaling (the coefficients are kept in [0, 1])", low=0.0, high=1.0)
         device, tasks, fts, heads, x, skeleton, theta0 = self._setup(X)
@@ -308,7 +309,7 @@ class RepresentationSurgery(_DataMerger):
     lr : float, default=1e-3
     batch_size : int, default=16
     device : str, default="cpu"
-    random_state : int or None, default=None
+    random_state : int, RandomState instance or None, default=None
 
     Examples
     --------
@@ -359,6 +360,7 @@ class RepresentationSurgery(_DataMerger):
         -------
         self
         """
+        self._reset_fitted()  # a failed refit leaves the estimator unfitted, not half old
         V.check_number(self.rank, "rank", low=1, integer=True)
         device, tasks, fts, heads, x, skeleton, theta0 = self._setup(X)
         theta = self._base_state(theta0, device)
@@ -427,7 +429,7 @@ class HeadFineTuning(_DataMerger):
     lr : float, default=5e-4
     batch_size : int, default=16
     device : str, default="cpu"
-    random_state : int or None, default=None
+    random_state : int, RandomState instance or None, default=None
 
     Examples
     --------
@@ -476,6 +478,7 @@ class HeadFineTuning(_DataMerger):
         -------
         self
         """
+        self._reset_fitted()  # a failed refit leaves the estimator unfitted, not half old
         device, tasks, fts, heads, x, skeleton, theta0 = self._setup(X)
         theta = self._base_state(theta0, device)
         with torch.no_grad():
@@ -597,6 +600,7 @@ class ProcrustesAlignment(_DataMerger):
         -------
         self
         """
+        self._reset_fitted()  # a failed refit leaves the estimator unfitted, not half old
         device, tasks, fts, heads, x, skeleton, theta0 = self._setup(X)
         theta = self._base_state(theta0, device)
         rotations = {}

@@ -67,6 +67,11 @@ class MergerBase(BaseEstimator):
         params = self.get_params(deep=False)
         return type(self)(**{k: (v if k in MODULE_PARAMS else clone(v, safe=False)) for k, v in params.items()})
 
+    def _reset_fitted(self):
+        """Forget every fitted attribute (public names ending in ``_``)."""
+        for name in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
+            delattr(self, name)
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.target_tags.required = False

@@ -34,6 +34,7 @@ class _StateMerger(MergerBase):
         -------
         self
         """
+        self._reset_fitted()  # a failed refit leaves the estimator unfitted, not half old
         self._check_params()
         tasks, _, _, _ = self._validated_models()
         self.tasks_ = tasks
@@ -268,6 +269,7 @@ class IndividualExperts(_StateMerger):
         -------
         self
         """
+        self._reset_fitted()  # a failed refit leaves the estimator unfitted, not half old
         super().fit(X, y)
         self.extra_params_ = (len(self.tasks_) - 1) * count_parameters(self.pretrained_encoder)
         return self
