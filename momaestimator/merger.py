@@ -578,6 +578,9 @@ class MOMAMerger(BaseEstimator):
         -----
         The merger stores the mask and the rotations, not ``τ_MT``: the fine-tuned encoders are
         read again here, so pass the models it was fitted with (a changed expert changes the result).
+        ``scaling``, ``base`` and ``top_k`` are read here too, not frozen at ``fit``: after
+        ``set_params`` of any of them, refit (the mask and rotations were learned for the old values).
+        The baselines do the same.
         """
         state = self.merged_state_dict()
         target = next((v.device for v in as_state_dict(self.pretrained_encoder).values()), torch.device("cpu"))
