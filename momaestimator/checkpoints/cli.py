@@ -210,73 +210,55 @@ def _load_npz(path: Path, tasks: list[str]) -> dict[str, torch.Tensor]:
     return data
 
 
-def _load_image_folder(path: Path, tasks: list[str], image_size, max_per_task) -> dict[str, torch.Tensor]:
-    import open_clip
-    from PIL import Image
-
-    transform = open_clip.image_transform(image_size, is_train=False)
-    data = {}
+def _image_files(path: Path, tasks: list[str], max_per_task) -> dict[str, list[Path]]:
+    """The image files of each task's sub-folder of ``path`` (at most ``max_per_task`` each)."""
+    files = {}
     for folder in sorted(p for p in path.iterdir() if p.is_dir()):
         task = _task_for(folder.name, tasks)
         if task is None:
             continue
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:max_per_task]
-        if not files:
+        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:max_per_task]
+        if not found:
             raise _CommandError(f"{folder}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
-        images = []
-        for file in files:
-            try:
-                with Image.open(file) as image:
-                    images.append(transform(image.convert("RGB")))
-            except OSError as err:  # PIL.UnidentifiedImageError included
-                raise _CommandError(f"{file}: cannot read the image ({err})") from err
-        data[task] = torch.stack(images)
-    return data
+        files[task] = found
+    return files
 
 
-def _precheck_data(args, tasks: list[str]) -> dict[str, torch.Tensor] | None:
-    """Read (an .npz) or verify (an image folder) ``--data`` before any checkpoint is loaded.
+def _open_images(files: list[Path], convert):
+    """``convert(image)`` for each file, or an error naming the file that cannot be read."""
+    from PIL import Image
 
-    Returns the arrays of an .npz (read once); an image folder is decoded after loading, at the
-    model's image size, but every image it will use is checked to open here.
+    out = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                out.append(convert(image))
+        except OSError as err:  # PIL.UnidentifiedImageError included
+            raise _CommandError(f"{file}: cannot read the image ({err})") from err
+    return out
+
+
+def _load_image_folder(files: dict[str, list[Path]], image_size) -> dict[str, torch.Tensor]:
+    import open_clip
+
+    transform = open_clip.image_transform(image_size, is_train=False)
+    return {t: torch.stack(_open_images(f, lambda image: transform(image.convert("RGB")))) for t, f in files.items()}
+
+
+def _precheck_data(args, tasks: list[str]) -> dict[str, torch.Tensor] | dict[str, list[Path]]:
+    """Read (an .npz) or check (an image folder) ``--data`` before any checkpoint is loaded.
+
+    Returns the arrays of an .npz (read once), or each task's image files, every one of which has
+    been opened here (they are decoded after loading, at the model's image size).
     """
     if args.data.suffix == ".npz":
         data = _load_npz(args.data, tasks)
         if args.max_per_task is not None:
             data = {t: x[: args.max_per_task] for t, x in data.items()}
     else:
-        from PIL import Image
-
-        data = {}
-        for folder in sorted(p for p in args.data.iterdir() if p.is_dir()):
-            task = _task_for(folder.name, tasks)
-            if task is None:
-                continue
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[: args.max_per_task]
-            if not files:
-                raise _CommandError(f"{folder}: no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
-            for file in files:
-                try:
-                    with Image.open(file) as image:
-                        image.verify()
-                except OSError as err:  # PIL.UnidentifiedImageError included
-                    raise _CommandError(f"{file}: cannot read the image ({err})") from err
-            data[task] = None
-    missing = [t for t in tasks if t not in data]
-    if missing:
-        raise _CommandError(f"--data {args.data} has no samples for tasks {missing}; it must cover {tasks}")
-    return data if args.data.suffix == ".npz" else None
-
-
-def _load_data(args, tasks: list[str], image_size) -> dict[str, torch.Tensor]:
-    if args.data.suffix == ".npz":
-        data = _load_npz(args.data, tasks)
-        if args.max_per_task is not None:
-            data = {t: x[: args.max_per_task] for t, x in data.items()}
-    elif args.data.is_dir():
-        data = _load_image_folder(args.data, tasks, image_size, args.max_per_task)
-    else:
-        raise _CommandError(f"--data {args.data}: expected an image folder or an .npz file")
+        data = _image_files(args.data, tasks, args.max_per_task)
+        for files in data.values():
+            _open_images(files, lambda image: image.verify())
     missing = [t for t in tasks if t not in data]
     if missing:
         raise _CommandError(f"--data {args.data} has no samples for tasks {missing}; it must cover {tasks}")
@@ -378,7 +360,7 @@ def _check_out(out: Path) -> None:
 def _check_inputs(args):
     """Check everything that can be checked before loading a checkpoint, the data included.
 
-    Returns ``(model_cfg, tasks as given, the release's task names, the .npz data or None)``.
+    Returns ``(model_cfg, tasks as given, the release's task names, the data or its image files)``.
     """
     model_cfg = _read_model_config(args)
     tasks = args.tasks
@@ -405,7 +387,7 @@ def _check_inputs(args):
 def _merge(args) -> int:
     from momaestimator.merger import MOMAMerger
 
-    model_cfg, tasks, expected, npz_data = _check_inputs(args)
+    model_cfg, tasks, expected, data = _check_inputs(args)
     start = time.perf_counter()
     _log(args, f"loading the {args.release} release from {args.root / args.model} ...")
     try:
@@ -418,7 +400,8 @@ def _merge(args) -> int:
 
     if names != expected:  # the loader resolves names as release_task_names does
         raise _CommandError(f"the release loaded tasks {names}, expected {expected}")
-    data = npz_data if npz_data is not None else _load_data(args, names, getattr(pretrained, "image_size", 224))
+    if args.data.suffix != ".npz":  # the checked image files, decoded at the model's image size
+        data = _load_image_folder(data, getattr(pretrained, "image_size", 224))
     _log(args, "data: " + ", ".join(f"{t} {tuple(x.shape)}" for t, x in data.items()))
 
     # The experts' predictions are the reference: the data is unlabeled.
