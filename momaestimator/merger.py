@@ -32,7 +32,18 @@ from .models import MergedModel
 __all__ = ["MOMAMerger"]
 
 _MODULE_PARAMS = ("pretrained_encoder", "finetuned_encoders", "heads")
-_FITTED = ("tasks_", "mask_", "rotations_", "history_", "n_iter_", "best_step_", "feature_dim_", "interrupted_")
+_FITTED = (
+    "tasks_",
+    "mask_",
+    "rotations_",
+    "history_",
+    "n_iter_",
+    "best_step_",
+    "feature_dim_",
+    "interrupted_",
+    "merge_params_",
+)
+_MERGE_PARAMS = ("base", "scaling", "top_k")  # what the base merge (and the absorbed encoder) depends on
 
 
 def _is_lazy(source) -> bool:
@@ -224,6 +235,10 @@ class MOMAMerger(BaseEstimator):
         Encoder output dimension.
     interrupted_ : bool
         Whether fitting was stopped by ``KeyboardInterrupt`` (the best state so far is kept).
+    merge_params_ : dict
+        ``base``, ``scaling`` and ``top_k`` as ``fit`` used them. :meth:`transform`, :meth:`score`
+        and :meth:`merged_state_dict` use these, so ``set_params`` after ``fit`` changes nothing
+        until the next ``fit`` (the mask and rotations were learned for these values).
 
     Examples
     --------
@@ -476,7 +491,13 @@ class MOMAMerger(BaseEstimator):
         self.best_step_ = result.best_step
         self.feature_dim_ = feature_dim
         self.interrupted_ = result.interrupted
+        self.merge_params_ = {k: getattr(self, k) for k in _MERGE_PARAMS}
         return self
+
+    def _merge_param(self, name):
+        """A base-merge setting: as fitted (``merge_params_``) once fitted, else the parameter."""
+        fitted = self.__dict__.get("merge_params_")
+        return fitted[name] if fitted is not None and name in fitted else getattr(self, name)
 
     def _expert(self, source, task, pre_state):
         """One fine-tuned encoder's state dict, conformed to the pretrained one (:func:`_load_state`)."""
@@ -526,17 +547,18 @@ class MOMAMerger(BaseEstimator):
         return x_train, x_val
 
     def _multitask_vector(self, pre_state, fts, device):
+        base, top_k = self._merge_param("base"), self._merge_param("top_k")
         lazy = any(_is_lazy(s) for s in fts.values())
-        if lazy and self.base == "task_arithmetic":  # stream checkpoints: one expert in memory at a time
+        if lazy and base == "task_arithmetic":  # stream checkpoints: one expert in memory at a time
             tau = {k: torch.zeros_like(v) for k, v in pre_state.items() if v.is_floating_point()}
             for t, s in fts.items():
                 _add_task_vector(tau, self._expert(s, t, pre_state), pre_state)
         elif lazy:  # TIES reads each checkpoint twice, one expert in memory at a time
             loaders = {t: functools.partial(self._expert, s, t, pre_state) for t, s in fts.items()}
-            tau = _ties_vector(pre_state, loaders, top_k=self.top_k, merge="sum")
+            tau = _ties_vector(pre_state, loaders, top_k=top_k, merge="sum")
         else:  # modules: their state dicts, no copies
             states = {t: self._expert(s, t, pre_state) for t, s in fts.items()}
-            tau = multitask_vector(pre_state, states, base=self.base, top_k=self.top_k)
+            tau = multitask_vector(pre_state, states, base=base, top_k=top_k)
         return {k: v.to(device) for k, v in tau.items()}
 
     # ------------------------------------------------------------------ transform / score
@@ -554,7 +576,7 @@ class MOMAMerger(BaseEstimator):
         theta0 = {k: v.to(device) for k, v in pre_state.items()}
         tau = self._multitask_vector(pre_state, fts, device)
         mask = {k: v.to(device) for k, v in self.mask_.items()}
-        merged = merged_state(theta0, tau, mask, self.scaling)
+        merged = merged_state(theta0, tau, mask, self._merge_param("scaling"))
         full = self.pretrained_encoder.state_dict(keep_vars=True)
         name_of = {id(v): k for k, v in full.items() if k in merged}  # tied names: the one merged
         return {k: merged[k] if k in merged else merged[name_of[id(v)]] for k, v in full.items()}
@@ -578,9 +600,8 @@ class MOMAMerger(BaseEstimator):
         -----
         The merger stores the mask and the rotations, not ``τ_MT``: the fine-tuned encoders are
         read again here, so pass the models it was fitted with (a changed expert changes the result).
-        ``scaling``, ``base`` and ``top_k`` are read here too, not frozen at ``fit``: after
-        ``set_params`` of any of them, refit (the mask and rotations were learned for the old values).
-        The baselines do the same.
+        ``base``, ``scaling`` and ``top_k`` are those ``fit`` used (``merge_params_``), not the
+        current parameters: ``set_params`` after ``fit`` takes effect at the next ``fit``.
         """
         state = self.merged_state_dict()
         target = next((v.device for v in as_state_dict(self.pretrained_encoder).values()), torch.device("cpu"))

@@ -245,3 +245,27 @@ def test_a_failed_refit_leaves_a_baseline_unfitted(problem, unlabeled, cls):
     with pytest.raises(NotFittedError):
         check_is_fitted(merger)
     assert not [k for k in vars(merger) if k.endswith("_") and not k.startswith("_")]
+
+
+@pytest.mark.parametrize(
+    ("name", "change"),
+    [
+        ("task_arithmetic", {"scaling": 0.9}),
+        ("ties", {"top_k": 0.9, "merge": "mean"}),
+        ("surgery", {"base": "ties"}),
+        ("ft_classifier", {"scaling": 0.9}),
+        ("procrustes", {"base": "ties", "scaling": 0.9}),
+    ],
+)
+def test_set_params_after_fit_waits_for_the_next_fit(problem, unlabeled, name, change):
+    pre, experts, heads, data = problem
+    est = METHODS[name]((pre, experts, heads)).fit(unlabeled)
+    assert set(est.merge_params_) >= set(change)
+    before = est.transform().state_dict()
+    est.set_params(**change)
+    after = est.transform().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    est.fit(unlabeled)
+    assert {k: est.merge_params_[k] for k in change} == change
+    changed = est.transform().state_dict()
+    assert any(not torch.equal(before[k], changed[k]) for k in before)

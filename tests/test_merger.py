@@ -247,6 +247,41 @@ def test_save_load_gives_bit_identical_merged_weights(problem, unlabeled, tmp_pa
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "change", [{"scaling": 0.9}, {"base": "ties"}, {"base": "ties", "top_k": 0.5}], ids=["scaling", "base", "top_k"]
+)
+def test_set_params_after_fit_waits_for_the_next_fit(problem, unlabeled, change):
+    pre, experts, heads, data = problem
+    merger = MOMAMerger(pre, experts, heads, n_steps=3, sparsity=0.25, random_state=0).fit(unlabeled)
+    assert merger.merge_params_ == {"base": "task_arithmetic", "scaling": 0.3, "top_k": 0.2}
+    before, score = merger.transform().state_dict(), merger.score_per_task(data)
+    merger.set_params(**change)
+    after = merger.transform().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert merger.score_per_task(data) == score
+    refit = merger.fit(unlabeled)
+    assert refit.merge_params_ == {**{"base": "task_arithmetic", "scaling": 0.3, "top_k": 0.2}, **change}
+    changed = refit.transform().state_dict()
+    assert any(not torch.equal(before[k], changed[k]) for k in before)
+
+
+def test_load_of_a_file_without_merge_params_uses_the_saved_parameters(problem, unlabeled, tmp_path):
+    import joblib
+
+    pre, experts, heads, _ = problem
+    merger = MOMAMerger(pre, experts, heads, n_steps=3, scaling=0.5, random_state=0).fit(unlabeled)
+    path = tmp_path / "merger.joblib"
+    merger.save(path)
+    state = joblib.load(path)
+    assert state["fitted"]["merge_params_"]["scaling"] == 0.5
+    del state["fitted"]["merge_params_"]  # a file written before merge_params_ existed
+    joblib.dump(state, path)
+    loaded = MOMAMerger.load(path, pre, experts, heads)
+    assert not hasattr(loaded, "merge_params_") and loaded.scaling == 0.5
+    a, b = merger.transform().state_dict(), loaded.transform().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bf16_autocast_on_cpu_keeps_fp32_mask_scores_and_rotations(problem, unlabeled):
     pre, experts, heads, data = problem
     m = MOMAMerger(pre, experts, heads, n_steps=5, precision="bf16", sparsity=0.2, random_state=0).fit(unlabeled)

@@ -70,9 +70,12 @@ class _DataMerger(MergerBase):
 
     def _base_state(self, theta0, device):
         tau = multitask_vector(
-            self.pretrained_encoder, self.finetuned_encoders, base=self.base, top_k=getattr(self, "top_k", 0.2)
+            self.pretrained_encoder,
+            self.finetuned_encoders,
+            base=self._merge_param("base"),
+            top_k=self._merge_param("top_k", 0.2),
         )
-        return merged_state(theta0, {k: v.to(device) for k, v in tau.items()}, None, self.scaling)
+        return merged_state(theta0, {k: v.to(device) for k, v in tau.items()}, None, self._merge_param("scaling"))
 
     def _base_encoder(self):
         device = V.resolve_device(self.device)
@@ -193,6 +196,7 @@ class AdaMerging(_DataMerger):
         self.tasks_, self.keys_ = tasks, keys
         self.coefficients_ = coef.detach().cpu()
         self.history_, self.n_iter_, self.extra_params_ = history, self.n_steps, 0
+        self._freeze_merge_params()
         return self
 
     def _merge(self, theta0, taus, coef, keys, weights=None):
@@ -389,6 +393,7 @@ class RepresentationSurgery(_DataMerger):
         self.tasks_, self.adapters_ = tasks, adapters.cpu().eval().requires_grad_(False)
         self.history_, self.n_iter_ = history, self.n_steps
         self.extra_params_ = sum(p.numel() for p in adapters.parameters())
+        self._freeze_merge_params()
         return self
 
     def transform(self, X=None):
@@ -519,6 +524,7 @@ class HeadFineTuning(_DataMerger):
             t: {k: v.detach().to(dtypes[t][k]).cpu() for k, v in st.items()} for t, st in tuned.items()
         }
         self.history_, self.n_iter_, self.extra_params_ = history, self.n_steps, 0
+        self._freeze_merge_params()
         return self
 
     def transform(self, X=None):
@@ -611,6 +617,7 @@ class ProcrustesAlignment(_DataMerger):
                 # a rotation (det +1), the identity outside the span of the few fit samples
                 rotations[t] = orthogonal_procrustes(z, expert, normalize=True).to(work_dtype(z))
         self.tasks_, self.rotations_, self.extra_params_ = tasks, rotations, 0
+        self._freeze_merge_params()
         return self
 
     _absorbs_rotations = True

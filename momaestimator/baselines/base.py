@@ -23,6 +23,7 @@ from ..metrics import _accuracy_of_sources, check_scoring_inputs
 __all__ = ["MergerBase", "count_parameters"]
 
 MODULE_PARAMS = ("pretrained_encoder", "finetuned_encoders", "heads")
+MERGE_PARAMS = ("base", "scaling", "top_k", "merge")  # the base merge's settings, frozen by fit
 
 
 def count_parameters(module) -> int:
@@ -48,8 +49,10 @@ def count_parameters(module) -> int:
 class MergerBase(BaseEstimator):
     """Shared plumbing: validation, module sharing on clone, scoring, teacher targets.
 
-    Subclasses implement ``_fit(ctx)`` (set fitted attributes; ``ctx`` holds validated inputs) and
-    ``transform()``.
+    Subclasses implement ``fit`` (setting fitted attributes, ending with ``_freeze_merge_params``)
+    and ``transform()``. ``merge_params_`` records the base merge's settings (``base``,
+    ``scaling``, ``top_k``, ``merge``, those the method has) as ``fit`` used them; ``transform``
+    uses these, so ``set_params`` after ``fit`` waits for the next ``fit``.
 
     Examples
     --------
@@ -71,6 +74,18 @@ class MergerBase(BaseEstimator):
         """Forget every fitted attribute (public names ending in ``_``)."""
         for name in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
             delattr(self, name)
+
+    def _freeze_merge_params(self):
+        """Record the base merge's settings as ``fit`` used them (``merge_params_``)."""
+        params = self.get_params(deep=False)
+        self.merge_params_ = {k: params[k] for k in MERGE_PARAMS if k in params}
+
+    def _merge_param(self, name, default=None):
+        """A base-merge setting as fitted (so ``set_params`` after ``fit`` waits for the next fit)."""
+        fitted = self.__dict__.get("merge_params_")
+        if fitted is not None and name in fitted:
+            return fitted[name]
+        return getattr(self, name, default)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

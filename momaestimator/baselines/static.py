@@ -39,6 +39,7 @@ class _StateMerger(MergerBase):
         tasks, _, _, _ = self._validated_models()
         self.tasks_ = tasks
         self.extra_params_ = 0
+        self._freeze_merge_params()
         return self
 
     def _check_params(self):
@@ -145,7 +146,7 @@ class TaskArithmetic(_StateMerger):
         V.check_number(self.scaling, "scaling", low=0.0, low_open=True)
 
     def _merged_state(self):
-        return task_arithmetic(self.pretrained_encoder, self.finetuned_encoders, scaling=self.scaling)
+        return task_arithmetic(self.pretrained_encoder, self.finetuned_encoders, scaling=self._merge_param("scaling"))
 
 
 class TiesMerging(_StateMerger):
@@ -186,7 +187,11 @@ class TiesMerging(_StateMerger):
 
     def _merged_state(self):
         return ties_merging(
-            self.pretrained_encoder, self.finetuned_encoders, scaling=self.scaling, top_k=self.top_k, merge=self.merge
+            self.pretrained_encoder,
+            self.finetuned_encoders,
+            scaling=self._merge_param("scaling"),
+            top_k=self._merge_param("top_k"),
+            merge=self._merge_param("merge"),
         )
 
 
