@@ -1100,3 +1100,198 @@ def test_linear_heads_come_back_as_they_were_saved(tmp_path, bias):
         )["format_version"]
         == 1
     )
+
+
+# ---------------------------------------------------------------- files crafted to exhaust or hang the loader
+def _legacy_tar(path: Path, member) -> Path:
+    """torch.save's pre-0.4 tar format, whose first member's name is a pickle of torch's magic number."""
+    import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        first = tarfile.TarInfo(f"L{torch.serialization.MAGIC_NUMBER}L\n.")
+        tar.addfile(first, io.BytesIO(b""))
+        tar.addfile(member)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_the_pre_0_4_tar_format_is_refused_before_extraction(tmp_path, kind):
+    import tarfile
+
+    member = tarfile.TarInfo("storages")
+    if kind == "fifo":  # extracting it opens a named pipe: the load would block forever
+        member.type = tarfile.FIFOTYPE
+    else:  # extracting it reads any local file
+        member.type, member.linkname = tarfile.SYMTYPE, str(TV_ROOT / TINY / "zeroshot.pt")
+    path = _legacy_tar(tmp_path / "old.pt", member)
+    for loader in (load_legacy_pickle, read_checkpoint):
+        with pytest.raises(UnsafeCheckpointError, match="tar archive") as info:
+            loader(path)
+        assert str(info.value).count(str(path)) == 1
+
+
+def test_an_expanded_tensor_is_refused_before_anything_copies_it(tmp_path):
+    # 4 bytes of data declared as 2**20 x 16 floats (64 MB once a head copies it)
+    expanded = torch.ones(1).expand(2**20, 16)
+    files = {"zip": tmp_path / "zip.pt", "legacy": tmp_path / "legacy.pt"}
+    torch.save({"weight": expanded}, files["zip"])
+    torch.save({"weight": expanded}, files["legacy"], _use_new_zipfile_serialization=False)
+    for name, path in files.items():
+        loaders = (read_checkpoint, load_legacy_pickle) + ((load_state_dict_file,) if name == "zip" else ())
+        for loader in loaders:
+            with pytest.raises(UnsafeCheckpointError, match="views 16777216 elements of a storage of 1"):
+                loader(path)
+    root = _copy_release(TV_ROOT, tmp_path)
+    head = nn.Linear(16, 10)
+    head.weight = nn.Parameter(torch.ones(1).expand(10, 16))
+    torch.save(head, root / TINY / "head_MNIST.pt")
+    with pytest.raises(UnsafeCheckpointError, match="head_MNIST.pt"):
+        load_task_vectors_release(root, TINY, ["MNIST"], model_cfg=TINY_CFG)
+    # views of a larger storage (slices of one tensor) are ordinary and load
+    base = torch.arange(12.0)
+    torch.save({"a": base[:4], "b": base[4:].view(2, 4)}, files["zip"])
+    loaded = read_checkpoint(files["zip"])
+    assert torch.equal(loaded["b"], base[4:].view(2, 4))
+
+
+def _reduce(module: str, name: str, *args) -> bytes:
+    """A protocol-2 pickle calling ``module.name(*args)`` (args: ints and str)."""
+    body = b"".join(pickle.dumps(a, protocol=2)[2:-1] for a in args)
+    return b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"(" + body + b"tR."
+
+
+def test_allowed_callables_refuse_arguments_that_cost_more_than_the_file(tmp_path):
+    with pytest.raises(UnsafeCheckpointError, match="bytearray"):
+        loads_restricted(_reduce("builtins", "bytearray", 2**31))  # 34 bytes asking for 2 GiB
+    with pytest.raises(UnsafeCheckpointError, match="punycode"):
+        loads_restricted(_reduce("_codecs", "encode", "ä" * 20, "punycode"))
+    # what honest protocol-2 pickles hold: bytes and bytearrays as latin1 text
+    assert loads_restricted(pickle.dumps(bytearray(b"\x00\xff"), protocol=2)) == bytearray(b"\x00\xff")
+    assert loads_restricted(pickle.dumps({"b": b"\x00\xffab"}, protocol=2)) == {"b": b"\x00\xffab"}
+
+
+def test_a_compressed_zip_entry_is_refused_before_it_inflates(tmp_path):
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(1000)}, plain)
+    packed = tmp_path / "packed.pt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w") as out:
+        for info in src.infolist():
+            kind = zipfile.ZIP_DEFLATED if "/data/" in info.filename else zipfile.ZIP_STORED
+            out.writestr(info.filename, src.read(info.filename), compress_type=kind)
+    for loader in (read_checkpoint, load_legacy_pickle, load_state_dict_file, torch_load_restricted):
+        with pytest.raises(UnsafeCheckpointError, match="compressed"):
+            loader(packed)
+    assert torch.equal(read_checkpoint(plain)["w"], torch.zeros(1000))
+
+
+def test_a_module_tree_nested_thousands_deep_gets_a_checkpoint_error(tmp_path):
+    level = b"csrc.modeling\nM\n)\x81}(X\x0b\x00\x00\x00_parameters}X\x08\x00\x00\x00_modules}(X\x01\x00\x00\x00m"
+    leaf = b"csrc.modeling\nM\n)\x81}(X\x0b\x00\x00\x00_parameters}X\x08\x00\x00\x00_modules}ub"
+    path = tmp_path / "deep.pkl"
+    path.write_bytes(b"\x80\x02" + level * 3000 + leaf + b"uub" * 3000 + b".")
+    obj = load_legacy_pickle(path)
+    with pytest.raises(TypeError, match="nested more than"):
+        legacy_state_dict(obj)
+    root = _copy_release(TV_ROOT, tmp_path)
+    shutil.copy(path, root / TINY / "zeroshot.pt")
+    with pytest.raises(CheckpointError, match="zeroshot.pt"):
+        load_task_vectors_release(root, TINY, ["MNIST"], model_cfg=TINY_CFG)
+
+
+def test_every_truncation_of_a_legacy_file_is_reported_as_damage_not_as_an_attack(tmp_path):
+    full = io.BytesIO()
+    torch.save({"w": torch.arange(4.0)}, full, _use_new_zipfile_serialization=False)
+    data = full.getvalue()
+    path = tmp_path / "cut.pt"
+    for n in range(1, len(data)):
+        path.write_bytes(data[:n])
+        for loader in (load_legacy_pickle, read_checkpoint):
+            try:
+                loader(path)
+            except UnsafeCheckpointError as err:
+                pytest.fail(f"cut at {n} of {len(data)} bytes reported as unsafe: {err}")
+            except CheckpointError:
+                continue
+            pytest.fail(f"cut at {n} of {len(data)} bytes loaded")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's legacy loader compares module sources
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "pickle"])
+def test_damaged_files_only_ever_raise_checkpoint_errors_naming_the_file(tmp_path, fmt):
+    rng = np.random.default_rng(0)
+    source = io.BytesIO()
+    if fmt == "pickle":
+        source.write(pickle.dumps({"a": [1, 2.5, "x"], "b": {3}, "c": b"\x00"}, protocol=0))
+    else:
+        torch.save(nn.Sequential(nn.Linear(3, 2)), source, _use_new_zipfile_serialization=fmt == "zip")
+    data = source.getvalue()
+    start = 0
+    if fmt == "zip":  # flip bytes of the pickle inside the archive, keep the archive readable
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            infos = {i.filename: archive.read(i.filename) for i in archive.infolist()}
+    path = tmp_path / "damaged.pt"
+    for _ in range(120):
+        if fmt == "zip":
+            pkl = bytearray(infos[name])
+            pkl[rng.integers(len(pkl))] = rng.integers(256)
+            with zipfile.ZipFile(path, "w") as out:
+                for n, content in infos.items():
+                    out.writestr(n, bytes(pkl) if n == name else content)
+        else:
+            damaged = bytearray(data)
+            damaged[rng.integers(start, len(damaged))] = rng.integers(256)
+            path.write_bytes(bytes(damaged))
+        for loader in (load_legacy_pickle, read_checkpoint):
+            try:
+                loader(path)
+            except CheckpointError as err:
+                assert str(path) in str(err)
+            # any other exception fails the test
+
+
+@pytest.mark.parametrize(
+    ("state", "match"),
+    [
+        ({"weight": torch.ones(10, 16, dtype=torch.int64)}, "torch.int64"),
+        ({"weight": torch.ones(0, 16)}, r"\(0, 16\)"),
+        ({"weight": torch.ones(10, 16), "bias": torch.ones(7)}, "bias"),
+    ],
+    ids=["integer", "no-class", "bias-length"],
+)
+def test_heads_that_cannot_classify_are_refused_naming_the_file(tmp_path, capsys, state, match):
+    root = _copy_release(TV_ROOT, tmp_path)
+    torch.save(state, root / TINY / "head_MNIST.pt")
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_task_vectors_release(root, TINY, TV_TASKS, model_cfg=TINY_CFG)
+    assert "head_MNIST.pt" in str(info.value)
+    args = _replace(_command(tmp_path, root=str(root)), "--root", str(root))
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("momaestimator: error: ")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda meta: "{not json",
+        lambda meta: json.dumps({k: v for k, v in json.loads(meta).items() if k != "encoder"}),
+        lambda meta: json.dumps({**json.loads(meta), "tasks": 5}),
+    ],
+    ids=["not-json", "no-encoder", "tasks-not-a-list"],
+)
+@pytest.mark.filterwarnings("ignore:.*differs from the description")
+def test_a_merged_model_with_a_malformed_description_gets_a_checkpoint_error(tmp_path, tv_release, edit):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "merged"
+    save_merged_model(_merged_tiny(tv_release), out, architecture=TINY_CFG)
+    weights = out / "model.safetensors"
+    with safe_open(weights, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(weights), metadata={**meta, "momaestimator": edit(meta["momaestimator"])})
+    with pytest.raises(CheckpointError, match="malformed") as info:
+        load_merged_model(out)
+    assert str(weights) in str(info.value)

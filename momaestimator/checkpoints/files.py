@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 import pickletools
+import tarfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +14,13 @@ import torch
 
 from momaestimator._io import atomic_write
 from momaestimator.checkpoints.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
-from momaestimator.checkpoints.safe_pickle import RestrictedUnpickler, torch_load_restricted, torchscript_entries
+from momaestimator.checkpoints.safe_pickle import (
+    RestrictedUnpickler,
+    check_tensor_extent,
+    refuse_compressed_entries,
+    torch_load_restricted,
+    torchscript_entries,
+)
 
 __all__ = ["atomic_write", "load_legacy_pickle", "load_state_dict_file", "read_checkpoint"]
 
@@ -77,6 +84,7 @@ def _sniff(path: Path) -> str:
                 "checkpoint; loading it would run the code it contains. If you trust this file, load it with "
                 "torch.jit.load yourself and pass its state_dict() instead."
             )
+        refuse_compressed_entries(path)
         return "zip"
     # Before the pickle test: a safetensors header length can start with any byte, 0x80 included.
     if _looks_like_safetensors(head, size):
@@ -92,6 +100,17 @@ def _sniff(path: Path) -> str:
     if head[8:9] == b"{":
         return "safetensors"  # a header longer than the file: the safetensors reader reports it
     raise _corrupt(path, "is not a torch.save archive, a pickle or a safetensors file")
+
+
+def _unreadable(path: Path, err: BaseException) -> CheckpointError:
+    """The error for a file that failed to load: damaged (truncated, flipped bytes) or malformed."""
+    if isinstance(err, (MemoryError, RecursionError)):
+        return CorruptCheckpointError(
+            f"{path} could not be read ({type(err).__name__}): it asks for more memory or nesting than a "
+            "checkpoint needs; a damaged or crafted file"
+        )
+    what = "could not be read" if _is_corruption(err) else "is damaged or not a checkpoint this library reads"
+    return _corrupt(path, what, err)
 
 
 def _is_corruption(err: BaseException) -> bool:
@@ -163,10 +182,8 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
             "load_legacy_pickle() or the release loaders, which map the known classes safely."
         ) from err
     except Exception as err:
-        if _is_corruption(err):
-            raise _corrupt(path, "could not be read", err) from err
-        raise
-    return _as_tensor_dict(obj, path)
+        raise _unreadable(path, err) from err
+    return _as_tensor_dict(_checked_extents(obj, path), path)
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -254,23 +271,27 @@ def load_legacy_pickle(path):
         # torch.save's pre-1.6 format starts with a pickled magic number, then the object;
         # anything else is a plain pickle.dump whose first object is the whole content.
         if isinstance(first, int) and first == torch.serialization.MAGIC_NUMBER:
+            if tarfile.is_tarfile(path):
+                # torch.load would extract it (pre-0.4 format) without an extraction filter
+                raise UnsafeCheckpointError(
+                    "refused: it is a tar archive (torch.save's pre-0.4 format), whose "
+                    "extraction could open any file or block on a pipe; re-save it with a current torch"
+                )
             return torch_load_restricted(path)
         return first
     except UnsafeCheckpointError as err:
         raise UnsafeCheckpointError(f"{path}: {err}") from None
+    except CheckpointError:
+        raise
     except RuntimeError as err:
         if "Can not safely load weights when explicit pickle_module" in str(err):
             raise CheckpointError(
                 f"{path} is a whole-object pickle and TORCH_FORCE_WEIGHTS_ONLY_LOAD is set, which forbids "
                 "even the restricted unpickler; unset it to load this release file"
             ) from err
-        if _is_corruption(err):
-            raise _corrupt(path, "could not be read", err) from err
-        raise
-    except Exception as err:
-        if _is_corruption(err):
-            raise _corrupt(path, "could not be read", err) from err
-        raise
+        raise _unreadable(path, err) from err
+    except Exception as err:  # damaged or crafted: the unpickler's own errors, whatever their type
+        raise _unreadable(path, err) from err
 
 
 def read_checkpoint(path):
@@ -307,17 +328,37 @@ def read_checkpoint(path):
         return _load_safetensors(path)
     if kind == "zip" and not _unsafe_globals_or_unknown(path):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             # Only torch's own globals, used in a way its weights-only unpickler refuses: the
             # restricted unpickler tells what is wrong (or loads what is merely unusual).
             if "Weights only load failed" not in str(err):
                 raise _corrupt(path, "could not be read", err) from err
         except Exception as err:
-            if _is_corruption(err):
-                raise _corrupt(path, "could not be read", err) from err
-            raise
+            raise _unreadable(path, err) from err
+        else:
+            return _checked_extents(obj, path)
     return load_legacy_pickle(path)
+
+
+def _checked_extents(obj, path):
+    """``obj`` (a loaded container), after refusing any tensor in it that views more than its storage."""
+    stack, seen = [obj], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            try:
+                check_tensor_extent(item)
+            except UnsafeCheckpointError as err:
+                raise UnsafeCheckpointError(f"{path}: {err}") from None
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return obj
 
 
 def _unsafe_globals_or_unknown(path: Path) -> bool:

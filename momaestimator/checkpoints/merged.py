@@ -57,6 +57,13 @@ def _encoder_spec(encoder: nn.Module, architecture) -> dict:
     return spec
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # unreadable or not JSON: it differs from the stored description
+        return None
+
+
 def _build_encoder(spec: dict, device=None) -> nn.Module:
     if spec.get("library") != "open_clip":
         raise CheckpointError(f"unsupported encoder library {spec.get('library')!r}")
@@ -216,11 +223,24 @@ def load_merged_model(path) -> MergedModel:
         raise _corrupt(weights, "is not a readable safetensors file", err) from err
     if "momaestimator" not in metadata:
         raise CheckpointError(f"{weights} was not written by save_merged_model (no momaestimator metadata)")
+    try:
+        return _merged_model_from(weights, metadata, tensors)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:  # JSONDecodeError included
+        raise CheckpointError(
+            f"{weights}: its description (safetensors metadata 'momaestimator') is malformed "
+            f"({type(err).__name__}: {err}); it was not written by save_merged_model, or was edited"
+        ) from err
+
+
+def _merged_model_from(weights: Path, metadata: dict, tensors: dict) -> MergedModel:
+    """The model that ``metadata`` describes, holding ``tensors`` (raises on any mismatch)."""
     config = json.loads(metadata["momaestimator"])
     if config.get("format") != _FORMAT or config.get("format_version", 0) > _FORMAT_VERSION:
         raise CheckpointError(f"{weights}: unsupported format {config.get('format')!r} v{config.get('format_version')}")
     sidecar = weights.parent / CONFIG_FILE
-    if sidecar.is_file() and json.loads(sidecar.read_text()) != config:
+    if sidecar.is_file() and _read_json(sidecar) != config:
         warnings.warn(
             f"{sidecar} differs from the description stored in {weights.name}; using the latter", stacklevel=2
         )

@@ -266,7 +266,11 @@ def checkpoint_state(checkpoint) -> tuple[dict, bool | None, str]:
     else:
         source = f"the given {type(checkpoint).__name__}"
     if isinstance(checkpoint, LegacyObject):
-        return legacy_state_dict(checkpoint), _detect_quick_gelu(checkpoint), source
+        try:
+            state = legacy_state_dict(checkpoint)
+        except TypeError as err:
+            raise CheckpointError(f"{source} does not hold a module's weights: {err}") from err
+        return state, _detect_quick_gelu(checkpoint), source
     if isinstance(checkpoint, nn.Module):
         quick = None
         for module in checkpoint.modules():

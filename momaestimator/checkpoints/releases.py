@@ -201,7 +201,10 @@ def head_from_checkpoint(checkpoint, source: str = "head") -> LinearHead:
     LinearHead(in_features=2, out_features=2, normalize=True)
     """
     if isinstance(checkpoint, LegacyObject):
-        state = legacy_state_dict(checkpoint)
+        try:
+            state = legacy_state_dict(checkpoint)
+        except TypeError as err:
+            raise CheckpointError(f"{source} does not hold a classification head: {err}") from err
         normalize = checkpoint.__dict__.get("normalize", type(checkpoint).legacy_class.endswith("ClassificationHead"))
     elif isinstance(checkpoint, nn.Module):
         state = checkpoint.state_dict()
@@ -213,8 +216,16 @@ def head_from_checkpoint(checkpoint, source: str = "head") -> LinearHead:
         raise CheckpointError(f"{source} holds a {type(checkpoint).__name__}, not a classification head")
     weight = state.get("weight")
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise CheckpointError(f"{source} has no 2-D 'weight' (keys: {sorted(state)})")
-    return LinearHead(weight, state.get("bias"), normalize=bool(normalize))
+        raise CheckpointError(f"{source} has no 2-D 'weight' (keys: {sorted(state, key=str)})")
+    if not weight.is_floating_point() or weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise CheckpointError(
+            f"{source}: the head's weight is {weight.dtype} of shape {tuple(weight.shape)}; a classification head "
+            "has a floating-point weight with one row per class (at least one) and one column per feature"
+        )
+    try:
+        return LinearHead(weight, state.get("bias"), normalize=bool(normalize))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: {err}") from err
 
 
 def _check_files(files: dict[str, Path], what: str, where: Path, missing: list[str] | None = None) -> None:

@@ -24,6 +24,7 @@ import _compat_pickle
 import codecs
 import collections
 import copyreg
+import functools
 import io
 import os
 import pickle
@@ -38,7 +39,7 @@ from torch import nn
 
 from momaestimator.checkpoints.errors import UnsafeCheckpointError
 
-__all__ = ["LegacyObject", "legacy_class_name", "legacy_modules", "legacy_state_dict"]
+__all__ = ["LegacyObject", "check_tensor_extent", "legacy_class_name", "legacy_modules", "legacy_state_dict"]
 
 # Modules whose classes become inert stand-ins. Nothing from them is imported or called,
 # so any class name in them is as safe as any other; they are the code of the releases
@@ -46,6 +47,81 @@ __all__ = ["LegacyObject", "legacy_class_name", "legacy_modules", "legacy_state_
 # open_clip.model.VisualTransformer no longer exists), and the torchvision transforms the
 # release's ImageEncoder kept as attributes (train_preprocess / val_preprocess).
 _STAND_IN_NAMESPACES = ("src.modeling", "src.models", "src.heads", "open_clip", "torchvision.transforms")
+
+
+# The text encodings a pickle's ``_codecs.encode(text, encoding)`` may name: protocol 2 stores
+# bytes as ``encode(text, "latin1")``. Other codecs (punycode's cost grows faster than the square of
+# the text) are refused.
+_PICKLE_CODECS = frozenset({"latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "utf-8", "utf8", "ascii"})
+
+
+def _encode(text, encoding="utf-8", errors="strict"):
+    if not isinstance(encoding, str) or encoding.lower() not in _PICKLE_CODECS:
+        raise UnsafeCheckpointError(
+            f"refused to unpickle: _codecs.encode with the codec {encoding!r}; pickles store bytes as latin1 text"
+        )
+    return codecs.encode(text, encoding, errors)
+
+
+def _bytearray(*args):
+    # bytearray(n) allocates n zero bytes: a few bytes of pickle could ask for gigabytes.
+    if args and not isinstance(args[0], (str, bytes, bytearray)):
+        raise UnsafeCheckpointError(
+            f"refused to unpickle: bytearray({type(args[0]).__name__}); pickles build a bytearray from its bytes"
+        )
+    return bytearray(*args)
+
+
+def check_tensor_extent(tensor: torch.Tensor, what: str = "a tensor") -> torch.Tensor:
+    """Refuse a tensor that views more elements than its storage holds (an expanded, stride-0 view).
+
+    ``torch.save`` keeps a view's strides: a file of a few bytes can hold one float "expanded" to
+    billions of entries, which the first copy (a head's weight, ``.contiguous()``) would
+    materialise. Weight files never hold such views.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+    what : str
+        Its name, for the message.
+
+    Returns
+    -------
+    torch.Tensor
+        ``tensor`` itself.
+
+    Raises
+    ------
+    UnsafeCheckpointError
+        If ``tensor`` has more elements than fit in its storage.
+
+    Examples
+    --------
+    >>> import torch
+    >>> check_tensor_extent(torch.zeros(3)).shape
+    torch.Size([3])
+    >>> check_tensor_extent(torch.zeros(1).expand(1000))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    momaestimator.checkpoints.errors.UnsafeCheckpointError: refused: a tensor views 1000 elements of a storage of 1 ...
+    """
+    size = tensor.element_size()
+    held = tensor.untyped_storage().nbytes() // size if size else 0
+    if tensor.numel() > max(held, 1):
+        raise UnsafeCheckpointError(
+            f"refused: {what} views {tensor.numel()} elements of a storage of {held} (an expanded, overlapping "
+            f"view of shape {tuple(tensor.shape)}, strides {tensor.stride()}); weight files hold no such views, "
+            "and copying it would take memory set by the file's numbers rather than its size"
+        )
+    return tensor
+
+
+def _checked_rebuild(rebuild):
+    @functools.wraps(rebuild)
+    def checked(*args, **kwargs):
+        return check_tensor_extent(rebuild(*args, **kwargs))
+
+    return checked
 
 
 def _allowed_callables() -> dict[tuple[str, str], object]:
@@ -56,25 +132,23 @@ def _allowed_callables() -> dict[tuple[str, str], object]:
         ("builtins", "frozenset"): frozenset,
         ("builtins", "slice"): slice,
         ("builtins", "complex"): complex,
-        ("builtins", "bytearray"): bytearray,
+        ("builtins", "bytearray"): _bytearray,
         # Protocol 0/1 object reconstruction; ``cls`` and ``base`` come through find_class too.
         ("copyreg", "_reconstructor"): copyreg._reconstructor,
         # ``_reconstructor``'s usual ``base`` argument; ``object()`` is as inert as it gets.
         ("builtins", "object"): object,
         # Protocol 2 pickles store bytes as ``_codecs.encode(text, "latin1")``; torch's
         # weights_only unpickler allows it too.
-        ("_codecs", "encode"): codecs.encode,
+        ("_codecs", "encode"): _encode,
         ("torch", "Size"): torch.Size,
         ("torch", "device"): torch.device,
         ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
         ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
     }
-    for name in (
-        "_rebuild_tensor",
-        "_rebuild_tensor_v2",
-        "_rebuild_parameter",
-        "_rebuild_parameter_with_state",
-    ):
+    for name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
+        if hasattr(torch._utils, name):
+            allowed["torch._utils", name] = _checked_rebuild(getattr(torch._utils, name))
+    for name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):  # of a tensor rebuilt above
         if hasattr(torch._utils, name):
             allowed["torch._utils", name] = getattr(torch._utils, name)
     return allowed
@@ -247,6 +321,20 @@ class RestrictedUnpickler(pickle._Unpickler):
             # Where the C unpickler says "pickle data was truncated" or "stack underflow".
             raise pickle.UnpicklingError(f"corrupt pickle data ({type(err).__name__}: {err})") from err
 
+    def _at_end(self) -> bool:
+        """Whether the pickle's data ends here (nothing after the opcode just read)."""
+        try:
+            frame = self._unframer.current_frame
+            if frame is not None:
+                position = frame.tell()
+                more = frame.read(1)
+                frame.seek(position)
+                if more:
+                    return False
+            return not self._file_read(1)  # only called when the load is about to fail anyway
+        except Exception:
+            return False
+
     dispatch = _OpcodeTable(pickle._Unpickler.dispatch)
     dispatch[pickle.BUILD[0]] = load_build
 
@@ -279,6 +367,10 @@ class RestrictedUnpickler(pickle._Unpickler):
         if _is_identifier_path(module) and name.isidentifier():
             if any(_in_namespace(module, ns) for ns in _STAND_IN_NAMESPACES) or _is_torch_nn_class(module, name):
                 return _stand_in(module, name)
+        if self._at_end():
+            # A file cut inside a GLOBAL opcode reads as a clipped name ('_rebuild_tensor_'): a
+            # truncated download, not an attack.
+            raise pickle.UnpicklingError(f"pickle data was truncated (it ends at the global {qualified!r})")
         raise UnsafeCheckpointError(
             f"refused to unpickle global {qualified!r}: it is not one of the classes of the task_vectors / "
             "TALL-masks releases, open_clip or torch.nn, nor a tensor rebuild helper. Loading it could run "
@@ -354,6 +446,40 @@ def torchscript_entries(file) -> list[str]:
             file.seek(position)
 
 
+def refuse_compressed_entries(file) -> None:
+    """Refuse a zip archive with a compressed entry (torch.save stores every entry as it is).
+
+    A compressed entry can inflate to any size: a file of a few MB could fill the memory.
+
+    Parameters
+    ----------
+    file : str, os.PathLike or binary file object
+        The file; a file object is returned to its current position. Not a zip: nothing to do.
+
+    Raises
+    ------
+    UnsafeCheckpointError
+        If an entry is compressed.
+    """
+    position = file.tell() if hasattr(file, "tell") else None
+    try:
+        if not zipfile.is_zipfile(file):
+            return
+        if position is not None:
+            file.seek(position)
+        with zipfile.ZipFile(file) as archive:
+            packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    finally:
+        if position is not None:
+            file.seek(position)
+    if packed:
+        name = os.fspath(file) if isinstance(file, (str, os.PathLike)) else "the archive"
+        raise UnsafeCheckpointError(
+            f"refused to load {name}: its entry {packed[0]!r} is compressed, which torch.save never writes; "
+            "a compressed entry can inflate to any size (a zip bomb)"
+        )
+
+
 def torch_load_restricted(file):
     """``torch.load`` of a torch.save file through :class:`RestrictedUnpickler`, onto the CPU.
 
@@ -371,6 +497,7 @@ def torch_load_restricted(file):
             "the code it contains. Checkpoints are torch.save files, pickles or safetensors files; if you trust "
             "this file, load it with torch.jit.load yourself and pass its state_dict() instead."
         )
+    refuse_compressed_entries(file)
     # weights_only=False only lifts torch's own allowlist, which cannot map the release's class
     # names; every global still goes through RestrictedUnpickler.find_class.
     return torch.load(file, map_location="cpu", pickle_module=RESTRICTED_PICKLE_MODULE, weights_only=False)
@@ -475,9 +602,14 @@ def legacy_state_dict(obj, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
+_MAX_MODULE_DEPTH = 200  # a ViT-L/14 tower nests 6 deep; a crafted file could nest thousands
+
+
 def _collect_state(module, prefix, out, active):
     if id(module) in active:
         raise TypeError(f"cyclic module structure at {prefix!r}")
+    if len(active) >= _MAX_MODULE_DEPTH:
+        raise TypeError(f"module tree nested more than {_MAX_MODULE_DEPTH} levels deep (at {prefix[:80]!r}...)")
     active.add(id(module))
     state = module.__dict__
     non_persistent = state.get("_non_persistent_buffers_set") or set()
