@@ -269,3 +269,26 @@ def test_set_params_after_fit_waits_for_the_next_fit(problem, unlabeled, name, c
     assert {k: est.merge_params_[k] for k in change} == change
     changed = est.transform().state_dict()
     assert any(not torch.equal(before[k], changed[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", ["adamerging_layerwise", "surgery", "ft_classifier", "procrustes", "moma"])
+def test_fits_never_seed_the_global_generator_that_threads_share(problem, unlabeled, monkeypatch, name):
+    """Concurrent fits in threads share torch's global generator: a fit seeding it (even inside
+    ``fork_rng``) changes the other fits' draws; every draw must come from the fit's own generators."""
+
+    class Untouchable:
+        def __getattr__(self, attr):
+            raise AssertionError(f"fit used the global generator ({attr})")
+
+    def no_fork(*args, **kwargs):
+        raise AssertionError("fit forked the global generator")
+
+    make = METHODS.get(name, lambda m: MOMAMerger(*m, n_steps=3, random_state=0))
+    expected = make(problem[:3]).fit(unlabeled).transform().state_dict()
+    state = torch.get_rng_state()
+    monkeypatch.setattr(torch.random, "default_generator", Untouchable())
+    monkeypatch.setattr(torch.random, "fork_rng", no_fork)
+    got = make(problem[:3]).fit(unlabeled).transform().state_dict()
+    monkeypatch.undo()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -8,6 +8,7 @@ rate) with the step count as a parameter; the docstrings say where we depart fro
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import numpy as np
@@ -289,10 +290,19 @@ class SurgeryModel(nn.Module):
         return self.heads[task]((zc - adapter(zc)).to(z.dtype))
 
 
-def _adapter(dim, rank):
-    up = nn.Linear(rank, dim, bias=False)
+def _adapter(dim, rank, generator):
+    """``up(ReLU(down(z)))`` with ``up = 0`` (the base merge), drawn from ``generator`` only.
+
+    ``up``'s initialisation is drawn and then zeroed, ``down`` gets ``nn.Linear``'s own, so the
+    draws are those of constructing the two layers under a seeded global generator — without
+    touching the global generator, which concurrent fits in threads share.
+    """
+    up = nn.utils.skip_init(nn.Linear, rank, dim, bias=False)
+    nn.init.kaiming_uniform_(up.weight, a=math.sqrt(5), generator=generator)  # nn.Linear.reset_parameters
     nn.init.zeros_(up.weight)  # start from the base merge
-    return nn.Sequential(nn.Linear(dim, rank, bias=False), nn.ReLU(), up)
+    down = nn.utils.skip_init(nn.Linear, dim, rank, bias=False)
+    nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5), generator=generator)
+    return nn.Sequential(down, nn.ReLU(), up)
 
 
 class RepresentationSurgery(_DataMerger):
@@ -375,9 +385,8 @@ class RepresentationSurgery(_DataMerger):
             targets = {t: self._teacher(skeleton, fts[t], heads[t], x[t], device)[1].to(work) for t in tasks}
         dim = feats[tasks[0]].shape[1]
         gen = _generator(self.random_state)
-        with torch.random.fork_rng(devices=[]):  # seeds (and restores) the CPU generator only
-            torch.random.default_generator.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
-            adapters = nn.ModuleDict({t: _adapter(dim, self.rank) for t in tasks}).to(device, work)
+        init = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
+        adapters = nn.ModuleDict({t: _adapter(dim, self.rank, init) for t in tasks}).to(device, work)
         opt = torch.optim.Adam(adapters.parameters(), lr=self.lr)
         history = []
         for step in range(1, self.n_steps + 1):
