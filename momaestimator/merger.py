@@ -23,7 +23,7 @@ from . import _validation as V
 from ._io import atomic_write
 from .data import materialize_inputs, split_inputs_and_labels
 from .merging.fit import FitConfig, HeadSpec, fit_moma, merged_state, recomputed_blocks, teacher_targets
-from .merging.functional import absorb_heads, clone_with_state, structure_copy
+from .merging.functional import absorb_heads, clone_with_state, structure_copy, with_autograd
 from .merging.task_arithmetic import _ties_vector, multitask_vector
 from .merging.task_vectors import as_state_dict
 from .metrics import _accuracy_of_sources, check_scoring_inputs
@@ -389,6 +389,7 @@ class MOMAMerger(BaseEstimator):
         return x
 
     # ------------------------------------------------------------------ fit
+    @with_autograd
     def fit(self, X, y=None):
         """Learn the global mask and one rotation per task from unlabeled inputs.
 

@@ -292,3 +292,15 @@ def test_fits_never_seed_the_global_generator_that_threads_share(problem, unlabe
     monkeypatch.undo()
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("name", ["adamerging_layerwise", "surgery", "ft_classifier", "procrustes", "moma"])
+def test_fit_inside_no_grad_or_inference_mode_fits_as_outside(problem, unlabeled, name, mode):
+    make = METHODS.get(name, lambda m: MOMAMerger(*m, n_steps=3, random_state=0))
+    expected = make(problem[:3]).fit(unlabeled).transform().state_dict()
+    with getattr(torch, mode)():
+        est = make(problem[:3]).fit(unlabeled)
+        assert not torch.is_grad_enabled()  # the caller's mode is back
+    got = est.transform().state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from .. import _validation as V
 from ..merging.fit import merged_state, work_dtype
-from ..merging.functional import absorb_heads, clone_with_state, encode, structure_copy
+from ..merging.functional import absorb_heads, clone_with_state, encode, structure_copy, with_autograd
 from ..merging.objectives import entropy, kl_to_teacher
 from ..merging.rotation import orthogonal_procrustes
 from ..merging.task_arithmetic import multitask_vector
@@ -151,6 +151,7 @@ class AdaMerging(_DataMerger):
         self.device = device
         self.random_state = random_state
 
+    @with_autograd
     def fit(self, X, y=None):
         """Learn the coefficients on unlabeled inputs (labels ignored).
 
@@ -362,6 +363,7 @@ class RepresentationSurgery(_DataMerger):
         self.device = device
         self.random_state = random_state
 
+    @with_autograd
     def fit(self, X, y=None):
         """Train the adapters on unlabeled inputs (labels ignored).
 
@@ -480,6 +482,7 @@ class HeadFineTuning(_DataMerger):
         self.device = device
         self.random_state = random_state
 
+    @with_autograd
     def fit(self, X, y=None):
         """Fine-tune the heads on unlabeled inputs (labels ignored).
 
@@ -603,6 +606,7 @@ class ProcrustesAlignment(_DataMerger):
         self.scaling = scaling
         self.device = device
 
+    @with_autograd
     def fit(self, X, y=None):
         """Compute the rotations from unlabeled inputs (labels ignored).
 

@@ -9,6 +9,7 @@ The same trick builds the absorbed model: a deep copy whose parameters are the m
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -16,7 +17,48 @@ from torch.func import functional_call
 
 _CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
 
-__all__ = ["absorb_heads", "clone_with_state", "encode", "first_linear_weight", "rotation_mismatch", "structure_copy"]
+__all__ = [
+    "absorb_heads",
+    "clone_with_state",
+    "encode",
+    "first_linear_weight",
+    "rotation_mismatch",
+    "structure_copy",
+    "with_autograd",
+]
+
+
+def with_autograd(fit):
+    """Decorate a ``fit`` so that it runs with autograd on, whatever the caller's grad mode.
+
+    A fit called inside ``torch.no_grad()`` or ``torch.inference_mode()`` (common in evaluation
+    code) would otherwise fail in its first backward pass. The caller's mode is restored on return.
+
+    Parameters
+    ----------
+    fit : callable
+
+    Returns
+    -------
+    callable
+
+    Examples
+    --------
+    >>> import torch
+    >>> @with_autograd
+    ... def grad_mode():
+    ...     return torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    >>> with torch.inference_mode():
+    ...     grad_mode()
+    (True, False)
+    """
+
+    @functools.wraps(fit)
+    def fit_with_autograd(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return fit(*args, **kwargs)
+
+    return fit_with_autograd
 
 
 def _persistent_tensors(module: nn.Module):
