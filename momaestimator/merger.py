@@ -234,7 +234,10 @@ class MOMAMerger(BaseEstimator):
     feature_dim_ : int
         Encoder output dimension.
     interrupted_ : bool
-        Whether fitting was stopped by ``KeyboardInterrupt`` (the best state so far is kept).
+        Whether fitting was stopped by ``KeyboardInterrupt``. After at least one step, ``fit``
+        keeps the best state so far (the merger is fitted and usable) and then re-raises the
+        interrupt, so that it still stops a search or a script; before the first step the merger
+        stays unfitted.
     merge_params_ : dict
         ``base``, ``scaling`` and ``top_k`` as ``fit`` used them. :meth:`transform`, :meth:`score`
         and :meth:`merged_state_dict` use these, so ``set_params`` after ``fit`` changes nothing
@@ -478,12 +481,6 @@ class MOMAMerger(BaseEstimator):
             generator=generator,
             progress=progress,
         )
-        if result.interrupted:
-            warnings.warn(
-                f"fit interrupted at step {result.n_iter}; kept the best state so far (step {result.best_step})",
-                RuntimeWarning,
-                stacklevel=2,
-            )
         self.tasks_ = tasks
         self.mask_ = result.mask
         self.rotations_ = result.rotations
@@ -493,6 +490,12 @@ class MOMAMerger(BaseEstimator):
         self.feature_dim_ = feature_dim
         self.interrupted_ = result.interrupted
         self.merge_params_ = {k: getattr(self, k) for k in _MERGE_PARAMS}
+        if result.interrupted:
+            # The interrupt still stops the program (a search, a script): the merger keeps the state.
+            raise KeyboardInterrupt(
+                f"fit interrupted at step {result.n_iter}; the merger keeps the best state so far "
+                f"(step {result.best_step}): transform() and score() use it (interrupted_=True)"
+            )
         return self
 
     def _merge_param(self, name):

@@ -47,13 +47,41 @@ def test_keyboard_interrupt_keeps_the_best_state_so_far(problem, unlabeled, monk
 
     monkeypatch.setattr(fit_module, "train_step", interrupt_at_7)
     merger = MOMAMerger(pre, experts, heads, n_steps=50, eval_every=2, sparsity=0.2, random_state=0)
-    with pytest.warns(RuntimeWarning, match="fit interrupted at step 6"):
+    with pytest.raises(KeyboardInterrupt, match="fit interrupted at step 6; the merger keeps the best state"):
         merger.fit(unlabeled)
     assert merger.interrupted_ and merger.n_iter_ == 6 and len(merger.history_) == 6
     assert merger.best_step_ in (0, 2, 4, 6)
     n_total = sum(m.numel() for m in merger.mask_.values())
     assert sum(int((~m).sum()) for m in merger.mask_.values()) == round(0.2 * n_total)
     merger.transform()  # fully usable
+
+
+def test_keyboard_interrupt_stops_a_search_instead_of_scoring_the_cut_short_fit(problem, monkeypatch):
+    from sklearn.model_selection import GridSearchCV
+
+    from momaestimator import TaskKFold, TaskSamples, per_task_accuracy_scorer
+
+    pre, experts, heads, data = problem
+    real, calls = fit_module.train_step, []
+
+    def interrupt_in_second_candidate(ctx, batches, step):
+        calls.append(step)
+        if len(calls) == 5:  # the first candidate's first fold took 3 steps
+            raise KeyboardInterrupt
+        return real(ctx, batches, step)
+
+    monkeypatch.setattr(fit_module, "train_step", interrupt_in_second_candidate)
+    X = TaskSamples.from_arrays({t: x for t, (x, _) in data.items()}, {t: y for t, (_, y) in data.items()})
+    search = GridSearchCV(
+        MOMAMerger(pre, experts, heads, n_steps=3, random_state=0),
+        {"sparsity": [0.1, 0.2, 0.3]},
+        cv=TaskKFold(2),
+        scoring=per_task_accuracy_scorer,
+        refit="mean",
+    )
+    with pytest.raises(KeyboardInterrupt):
+        search.fit(X)
+    assert len(calls) == 5 and not hasattr(search, "best_params_")
 
 
 def test_keyboard_interrupt_before_any_step_propagates_and_leaves_unfitted(problem, unlabeled, monkeypatch):
