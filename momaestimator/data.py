@@ -29,6 +29,10 @@ __all__ = [
 ]
 
 
+# names a ModuleDict cannot hold as keys (torch refuses a key that shadows an attribute)
+_MODULE_DICT_ATTRIBUTES = frozenset(dir(torch.nn.ModuleDict()))
+
+
 def task_keyed(mapping: Mapping, name: str) -> dict:
     """``{str(task): value}``, refusing two keys that name the same task (``0`` and ``"0"``).
 
@@ -49,8 +53,8 @@ def task_keyed(mapping: Mapping, name: str) -> dict:
     Raises
     ------
     ValueError
-        If two keys have the same string form, or a name is empty or contains ``"."`` (a task
-        names its head in a ``torch.nn.ModuleDict``).
+        If two keys have the same string form, or a name is empty, contains ``"."`` or is an
+        attribute of ``torch.nn.ModuleDict`` such as ``"train"`` (a task names its head in one).
 
     Examples
     --------
@@ -64,6 +68,11 @@ def task_keyed(mapping: Mapping, name: str) -> dict:
             raise ValueError(
                 f"{name} has the task name {key!r}: a task name must be non-empty and contain no '.' "
                 "(it names the task's head in the merged model's torch ModuleDict)"
+            )
+        if task in _MODULE_DICT_ATTRIBUTES:
+            raise ValueError(
+                f"{name} has the task name {key!r}, which is an attribute of torch's ModuleDict (like "
+                "'train', 'eval', 'keys'); the merged model keeps its heads in one, so rename the task"
             )
         if task in out:
             raise ValueError(

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from momaestimator import LinearHead, MOMAMerger, TaskSamples
+from momaestimator.baselines import AdaMerging, TaskArithmetic
 from momaestimator.merging.fit import HeadSpec, moma_logits
 from momaestimator.merging.functional import rotation_mismatch, structure_copy
 
@@ -326,6 +327,17 @@ def test_task_names_a_module_dict_cannot_hold_are_refused_before_fitting(problem
     x = {name if t == "task0" else t: v for t, v in unlabeled.items()}
     with pytest.raises(ValueError, match=r"has the task name .*: a task name must be non-empty and contain no '\.'"):
         MOMAMerger(pre, e, h, n_steps=1).fit(x)
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "keys", "forward", "training"])
+@pytest.mark.parametrize("cls", [MOMAMerger, TaskArithmetic, AdaMerging])
+def test_task_names_that_shadow_module_dict_attributes_are_refused_before_fitting(problem, unlabeled, name, cls):
+    pre, experts, heads, _ = problem
+    rename = lambda d: {name if t == "task0" else t: v for t, v in d.items()}  # noqa: E731
+    est = cls(pre, rename(experts), rename(heads), **({"n_steps": 1} if cls is not TaskArithmetic else {}))
+    with pytest.raises(ValueError, match=f"has the task name '{name}', which is an attribute of torch's ModuleDict"):
+        est.fit(rename(unlabeled))
+    assert not [k for k in vars(est) if k.endswith("_") and not k.startswith("_")]
 
 
 def test_unclear_inputs_get_errors_that_name_them(problem, fitted):
