@@ -215,6 +215,11 @@ def _accuracy_of_sources(model, sources, labels, *, device="cpu", autocast_dtype
                 raise ValueError(
                     f"X[{task!r}]: the model cannot take inputs of shape {tuple(x.shape)} ({exc})"
                 ) from exc
+            if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"task {task!r}: the model returns logits of shape {tuple(logits.shape)} for {x.shape[0]} "
+                    "inputs; expected (batch, classes) (does the encoder return (batch, features)?)"
+                )
             pred = logits.argmax(-1).cpu()
             lab = torch.as_tensor(check_class_labels(lab, task, n_classes=logits.shape[-1]))
             if len(lab) != len(pred):

@@ -304,3 +304,26 @@ def test_fit_inside_no_grad_or_inference_mode_fits_as_outside(problem, unlabeled
         assert not torch.is_grad_enabled()  # the caller's mode is back
     got = est.transform().state_dict()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "weight_averaging", "pretrained", "individual"])
+def test_scoring_refuses_logits_that_are_not_batch_by_classes(name):
+    """An encoder returning (batch, 1, features) gave (batch, 1, classes) logits, whose argmax broadcast
+    against the labels into an n × n comparison: accuracies above 1."""
+
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(5, 4)
+
+        def forward(self, x):
+            return self.lin(x).unsqueeze(1)
+
+    torch.manual_seed(0)
+    pre = Tower()
+    experts = {t: Tower() for t in ("a", "b")}
+    heads = {t: torch.nn.Linear(4, 3) for t in ("a", "b")}
+    data = {t: (torch.randn(20, 5), torch.randint(3, (20,))) for t in ("a", "b")}
+    est = METHODS[name]((pre, experts, heads)).fit()
+    with pytest.raises(ValueError, match=r"logits of shape \(20, 1, 3\) for 20 inputs; expected \(batch, classes\)"):
+        est.score_per_task(data)
