@@ -233,6 +233,17 @@ def check_precision(precision, state: dict) -> None:
         )
 
 
+def check_sample_shapes(x: dict, tasks) -> None:
+    """Raise ``ValueError`` unless every task's samples have the first task's shape (one encoder takes them)."""
+    ref = tasks[0]
+    for t in tasks[1:]:
+        if x[t].shape[1:] != x[ref].shape[1:]:
+            raise ValueError(
+                f"X[{t!r}] has samples of shape {tuple(x[t].shape[1:])}, X[{ref!r}] of shape "
+                f"{tuple(x[ref].shape[1:])}: every task's inputs must fit the one encoder"
+            )
+
+
 def feature_dim(skeleton, state: dict, x: torch.Tensor, autocast_dtype=None) -> int:
     """The encoder's number of output features, from one sample; a clear error if it returns no ``(batch, d)``."""
     device = next(iter(state.values())).device

@@ -382,13 +382,7 @@ class MOMAMerger(BaseEstimator):
         # inputs stay where they are (loaders and arrays: host memory); fitting moves one batch at a
         # time to the fit device, so the device holds no copy of every task's data
         x = {t: materialize_inputs(sources[t], task=t, dtype=dtype) for t in tasks}
-        ref = tasks[0]
-        for t in tasks[1:]:
-            if x[t].shape[1:] != x[ref].shape[1:]:
-                raise ValueError(
-                    f"X[{t!r}] has samples of shape {tuple(x[t].shape[1:])}, X[{ref!r}] of shape "
-                    f"{tuple(x[ref].shape[1:])}: every task's inputs must fit the one encoder"
-                )
+        V.check_sample_shapes(x, tasks)
         return x
 
     # ------------------------------------------------------------------ fit

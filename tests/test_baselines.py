@@ -327,3 +327,15 @@ def test_scoring_refuses_logits_that_are_not_batch_by_classes(name):
     est = METHODS[name]((pre, experts, heads)).fit()
     with pytest.raises(ValueError, match=r"logits of shape \(20, 1, 3\) for 20 inputs; expected \(batch, classes\)"):
         est.score_per_task(data)
+
+
+@pytest.mark.parametrize("name", ["adamerging_taskwise", "surgery", "ft_classifier", "procrustes"])
+def test_inputs_of_another_shape_are_refused_before_any_forward_pass(problem, unlabeled, monkeypatch, name):
+    pre, experts, heads, _ = problem
+    bad = {**unlabeled, "task1": unlabeled["task1"][:, :-1]}
+    calls = []
+    monkeypatch.setattr(type(pre), "forward", lambda self, *a, **k: calls.append(self) or 1 / 0)  # the encoder
+    est = METHODS[name]((pre, experts, heads))
+    with pytest.raises(ValueError, match=r"X\['task1'\] has samples of shape .*every task's inputs must fit"):
+        est.fit(bad)
+    assert calls == []

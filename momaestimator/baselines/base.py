@@ -113,7 +113,9 @@ class MergerBase(BaseEstimator):
     def _unlabeled(self, X, tasks, device, dtype):
         sources, _ = split_inputs_and_labels(X, None)
         V.check_same_tasks(finetuned_encoders=dict.fromkeys(tasks), X=sources)
-        return {t: materialize_inputs(sources[t], task=t, dtype=dtype, device=device) for t in tasks}
+        x = {t: materialize_inputs(sources[t], task=t, dtype=dtype, device=device) for t in tasks}
+        V.check_sample_shapes(x, tasks)  # before any forward pass
+        return x
 
     def _teacher(self, skeleton, ft_module, head, x, device):
         state = {k: v.to(device) for k, v in as_state_dict(ft_module).items()}
