@@ -212,8 +212,8 @@ class MOMAMerger(BaseEstimator):
         Where fitting and scoring run; the user's modules stay where they are.
     random_state : int, RandomState instance or None, default=None
         Seeds batch sampling, the hold-out split and tie-breaking; an int gives identical CPU results.
-    verbose : int, default=0
-        Show a progress bar when > 0.
+    verbose : int or bool, default=0
+        Show a progress bar when > 0 (or ``True``).
 
     Attributes
     ----------
@@ -349,7 +349,8 @@ class MOMAMerger(BaseEstimator):
         for flag in ("learn_mask", "learn_rotations", "recompute_merged_weights", "cuda_graphs"):
             if not isinstance(getattr(self, flag), (bool, np.bool_)):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        V.check_number(self.verbose, "verbose", low=0, integer=True)
+        if not isinstance(self.verbose, (bool, np.bool_)):  # True/False, as scikit-learn estimators take
+            V.check_number(self.verbose, "verbose", low=0, integer=True)
         return V.resolve_device(self.device)
 
     def _check_models(self, *, values=True):
@@ -569,10 +570,11 @@ class MOMAMerger(BaseEstimator):
         check_is_fitted(self, "mask_")
         device = V.resolve_device(self.device)
         tasks, pre_state, fts, _ = self._check_models(values=False)
-        if tasks != self.tasks_:
+        if set(tasks) != set(self.tasks_):
             raise ValueError(f"the models now name tasks {tasks}, but this merger was fitted on {self.tasks_}")
         theta0 = {k: v.to(device) for k, v in pre_state.items()}
-        tau = self._multitask_vector(pre_state, fts, device)
+        # summed in the fitted order (dicts given in another order: the same bits)
+        tau = self._multitask_vector(pre_state, {t: fts[t] for t in self.tasks_}, device)
         mask = {k: v.to(device) for k, v in self.mask_.items()}
         merged = merged_state(theta0, tau, mask, self._merge_param("scaling"))
         full = self.pretrained_encoder.state_dict(keep_vars=True)
@@ -707,7 +709,7 @@ class MOMAMerger(BaseEstimator):
         merger = cls(pretrained_encoder, finetuned_encoders, heads, **state["params"])
         tasks, pre_state, _, _ = merger._check_models()
         fitted = state["fitted"]
-        if tasks != fitted["tasks_"]:
+        if set(tasks) != set(fitted["tasks_"]):  # any order: the fitted one is kept
             raise ValueError(f"{os.fspath(path)!r} was fitted on tasks {fitted['tasks_']}, the models name {tasks}")
         mask = {}
         for k, (shape, bits) in state["mask"].items():

@@ -370,3 +370,17 @@ def test_a_zero_dimensional_integer_index_is_one_sample():
         assert len(sub) == 1 and sub.targets().tolist() == [2] and repr(sub) == "TaskSamples(a=0, b=1)"
     with pytest.raises(IndexError, match="not a single boolean"):
         ts[True]
+
+
+def test_verbose_takes_a_bool_and_batches_come_as_an_iterator(problem, unlabeled, capsys):
+    pre, experts, heads, _ = problem
+    ref = MOMAMerger(pre, experts, heads, n_steps=2, random_state=0).fit(unlabeled)
+    loud = MOMAMerger(pre, experts, heads, n_steps=2, random_state=0, verbose=True).fit(unlabeled)
+    assert "MOMA fit" in capsys.readouterr().err
+    batches = {t: iter([x[:5], x[5:]]) for t, x in unlabeled.items()}
+    split = MOMAMerger(pre, experts, heads, n_steps=2, random_state=0).fit(batches)
+    for other in (loud, split):
+        assert all(torch.equal(ref.rotations_[t], other.rotations_[t]) for t in ref.tasks_)
+        assert all(torch.equal(ref.mask_[k], other.mask_[k]) for k in ref.mask_)
+    with pytest.raises(TypeError, match="verbose must be an int"):
+        MOMAMerger(pre, experts, heads, verbose="yes").fit(unlabeled)

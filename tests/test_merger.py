@@ -282,6 +282,20 @@ def test_load_of_a_file_without_merge_params_uses_the_saved_parameters(problem, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_load_and_transform_take_the_models_in_any_task_order(problem, unlabeled, tmp_path):
+    pre, experts, heads, _ = problem
+    merger = MOMAMerger(pre, experts, heads, n_steps=3, sparsity=0.25, base="ties", random_state=0).fit(unlabeled)
+    path = tmp_path / "merger.joblib"
+    merger.save(path)
+    rev_experts, rev_heads = dict(reversed(experts.items())), dict(reversed(heads.items()))
+    loaded = MOMAMerger.load(path, pre, rev_experts, rev_heads)
+    assert loaded.tasks_ == merger.tasks_
+    a, b = merger.transform().state_dict(), loaded.transform().state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="was fitted on tasks"):
+        MOMAMerger.load(path, pre, dict(list(experts.items())[:2]), dict(list(heads.items())[:2]))
+
+
 def test_bf16_autocast_on_cpu_keeps_fp32_mask_scores_and_rotations(problem, unlabeled):
     pre, experts, heads, data = problem
     m = MOMAMerger(pre, experts, heads, n_steps=5, precision="bf16", sparsity=0.2, random_state=0).fit(unlabeled)
