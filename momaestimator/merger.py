@@ -20,6 +20,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from . import _validation as V
+from ._display import ModuleSummaryReprMixin
 from ._io import atomic_write
 from .data import materialize_inputs, split_inputs_and_labels
 from .merging.fit import FitConfig, HeadSpec, fit_moma, merged_state, recomputed_blocks, teacher_targets
@@ -103,7 +104,7 @@ def _picklable(value) -> bool:
     return True
 
 
-class MOMAMerger(BaseEstimator):
+class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
     """Merge fine-tuned encoders with MOMA: a learned global mask and per-task rotations, absorbed.
 
     MOMA (Masked Orthogonal Matrix Alignment) starts from a base merge

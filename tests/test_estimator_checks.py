@@ -356,3 +356,15 @@ def test_scores_are_subset_invariant(merger, toy_problem):
     assert merger.score_per_task(shuffled) == pytest.approx(whole)
     for task, pos in X.positions_by_task().items():  # a task's accuracy does not depend on the other tasks
         assert merger.score_per_task(X[pos]) == pytest.approx({task: whole[task]})
+
+
+def test_repr_and_notebook_display_summarise_the_models():
+    from momaestimator import toy
+    from momaestimator.baselines import AdaMerging
+
+    pre, experts, heads, _ = toy.make_problem(n_tasks=2)
+    for est in (MOMAMerger(pre, experts, heads, sparsity=0.2), AdaMerging(pre, experts, heads)):
+        text, html = repr(est), est._repr_mimebundle_()["text/html"]
+        assert "pretrained_encoder=VisionTransformer(...)" in text and "'task1': LinearHead(...)" in text
+        assert "Conv2d" not in text and "Conv2d" not in html and "VisionTransformer(...)" in html
+        assert est.pretrained_encoder is pre and est.heads is heads  # the estimator is not touched

@@ -14,6 +14,7 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.utils.validation import check_is_fitted
 
 from .. import _validation as V
+from .._display import ModuleSummaryReprMixin
 from ..data import materialize_inputs, split_inputs_and_labels
 from ..merging.fit import HeadSpec, teacher_targets
 from ..merging.functional import structure_copy
@@ -46,7 +47,7 @@ def count_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-class MergerBase(BaseEstimator):
+class MergerBase(ModuleSummaryReprMixin, BaseEstimator):
     """Shared plumbing: validation, module sharing on clone, scoring, teacher targets.
 
     Subclasses implement ``fit`` (setting fitted attributes, ending with ``_freeze_merge_params``)
