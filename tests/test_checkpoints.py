@@ -194,6 +194,24 @@ def test_quick_gelu_can_be_overridden():
     assert isinstance(pretrained.transformer.resblocks[0].mlp.gelu, nn.GELU)
 
 
+def test_a_model_config_naming_its_activation_is_followed(tmp_path, capsys):
+    # TALL-masks towers are state dicts: nothing in the files says GELU or QuickGELU
+    gelu_cfg = {**TINY_CFG, "quick_gelu": False}
+    pretrained, finetuned, _ = load_tall_masks_release(TALL_ROOT, TINY, TALL_TASKS, model_cfg=gelu_cfg)
+    for tower in (pretrained, *finetuned.values()):
+        assert type(tower.transformer.resblocks[0].mlp.gelu) is nn.GELU
+    default, _, _ = load_tall_masks_release(TALL_ROOT, TINY, TALL_TASKS, model_cfg=TINY_CFG)
+    assert isinstance(default.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    explicit, _, _ = load_tall_masks_release(TALL_ROOT, TINY, TALL_TASKS, model_cfg=gelu_cfg, quick_gelu=True)
+    assert isinstance(explicit.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    cfg_file = tmp_path / "gelu.json"
+    cfg_file.write_text(json.dumps(gelu_cfg))
+    args = _command(tmp_path, release="tall_masks", root=TALL_ROOT, tasks=TALL_TASKS)
+    args = _replace(args, "--data", str(_npz(tmp_path / "tall.npz", names=("cars", "dtd", "mnist"))))
+    main(_replace(args, "--model-config", str(cfg_file)))
+    assert json.loads((tmp_path / "out" / "model.json").read_text())["encoder"]["quick_gelu"] is False
+
+
 def test_every_missing_file_is_listed_in_one_error_before_anything_loads(tmp_path, monkeypatch):
     from momaestimator.checkpoints import releases
 

@@ -118,7 +118,8 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_path,
         default=None,
         metavar="JSON",
-        help="JSON open_clip model config (embed_dim, vision_cfg) for an architecture open_clip does not name",
+        help="JSON open_clip model config (embed_dim, vision_cfg, optionally quick_gelu) for an architecture "
+        "open_clip does not name",
     )
     merge.add_argument(
         "--tasks",

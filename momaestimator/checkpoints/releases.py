@@ -240,6 +240,8 @@ def _floating_dtype(module: nn.Module) -> torch.dtype | None:
 
 
 def _load_release(arch, zeroshot, finetuned, heads, quick_gelu):
+    if quick_gelu is None and isinstance(arch, Mapping) and arch.get("quick_gelu") is not None:
+        quick_gelu = bool(arch["quick_gelu"])  # a config that names its activation: as if passed
     state, detected, source = checkpoint_state(zeroshot)
     # Both releases fine-tuned OpenAI's CLIP, trained with QuickGELU; a pickled tower says so itself.
     activation = quick_gelu if quick_gelu is not None else (detected if detected is not None else True)
@@ -296,8 +298,9 @@ def load_task_vectors_release(root, model="ViT-B-32", tasks=None, *, model_cfg=N
         An open_clip model config (``embed_dim``, ``vision_cfg``) to use instead of looking
         ``model`` up in open_clip, e.g. for a custom or tiny architecture.
     quick_gelu : bool or None, default=None
-        Activation of the towers. ``None``: read off the pickled tower, else ``True`` as
-        for the OpenAI-initialised release.
+        Activation of the towers. ``None``: the ``"quick_gelu"`` entry of ``model_cfg`` if it
+        has one, else read off the pickled tower, else ``True`` as for the OpenAI-initialised
+        release.
 
     Returns
     -------
@@ -371,7 +374,8 @@ def load_tall_masks_release(root, model="ViT-B-32", tasks=None, *, model_cfg=Non
     model_cfg : dict or None, default=None
         An open_clip model config to use instead of looking ``model`` up.
     quick_gelu : bool or None, default=None
-        Activation of the towers; ``None`` means ``True`` (OpenAI-initialised release).
+        Activation of the towers. ``None``: the ``"quick_gelu"`` entry of ``model_cfg`` if it
+        has one, else ``True`` (OpenAI-initialised release).
 
     Returns
     -------
