@@ -12,6 +12,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -664,10 +665,12 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         Parameters
         ----------
         path : str or os.PathLike
+            The file; missing parent folders are created.
         """
         import joblib
 
         check_is_fitted(self, "mask_")
+        path = Path(path).expanduser()
         params = {k: v for k, v in self.get_params(deep=False).items() if k not in _MODULE_PARAMS}
         seed = params.get("random_state")
         # a seed is kept (numpy integers too); a RandomState instance's state is not
@@ -680,17 +683,22 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
             "fitted": {k: getattr(self, k) for k in _FITTED if k != "mask_"},
             "mask": {k: (tuple(v.shape), np.packbits(v.numpy().ravel())) for k, v in self.mask_.items()},
         }
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: joblib.dump(state, tmp))
 
     @classmethod
-    def load(cls, path, pretrained_encoder, finetuned_encoders, heads):
+    def load(cls, path, pretrained_encoder, finetuned_encoders, heads, *, device=None):
         """Rebuild a fitted merger from :meth:`save`'s file and the same models.
 
         Parameters
         ----------
         path : str or os.PathLike
         pretrained_encoder, finetuned_encoders, heads
-            The models the merger was fitted with.
+            The models the merger was fitted with (their dicts in any task order).
+        device : str or torch.device, optional
+            Where :meth:`transform` merges and :meth:`score` runs. ``None``: the saved ``device``,
+            or the CPU when that is a CUDA device and none is available (a merger fitted on a GPU
+            machine, loaded on a laptop).
 
         Returns
         -------
@@ -707,7 +715,13 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
             raise ValueError(f"cannot read {os.fspath(path)!r}: truncated or not a MOMAMerger file ({exc})") from exc
         if not isinstance(state, Mapping) or state.get("format") != "momaestimator.MOMAMerger/1":
             raise ValueError(f"{os.fspath(path)!r} is not a file written by MOMAMerger.save")
-        merger = cls(pretrained_encoder, finetuned_encoders, heads, **state["params"])
+        params = dict(state["params"])
+        if device is not None:
+            params["device"] = device
+        elif str(params.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
+            params["device"] = "cpu"
+        merger = cls(pretrained_encoder, finetuned_encoders, heads, **params)
+        merger._check_params()  # the device is usable here
         tasks, pre_state, _, _ = merger._check_models()
         fitted = state["fitted"]
         if set(tasks) != set(fitted["tasks_"]):  # any order: the fitted one is kept

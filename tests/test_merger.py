@@ -296,6 +296,23 @@ def test_load_and_transform_take_the_models_in_any_task_order(problem, unlabeled
         MOMAMerger.load(path, pre, dict(list(experts.items())[:2]), dict(list(heads.items())[:2]))
 
 
+def test_save_makes_its_folder_and_load_picks_a_usable_device(problem, unlabeled, tmp_path, monkeypatch):
+    pre, experts, heads, _ = problem
+    merger = MOMAMerger(pre, experts, heads, n_steps=2, random_state=0).fit(unlabeled)
+    path = tmp_path / "new" / "folder" / "merger.joblib"
+    merger.save(path)
+    # a merger fitted on a GPU machine (device="cuda" saved), loaded where there is no CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    merger.set_params(device="cuda").save(path)
+    loaded = MOMAMerger.load(path, pre, experts, heads)
+    assert loaded.device == "cpu"
+    a, b = merger.set_params(device="cpu").transform().state_dict(), loaded.transform().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert MOMAMerger.load(path, pre, experts, heads, device="cpu").device == "cpu"
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        MOMAMerger.load(path, pre, experts, heads, device="cuda")
+
+
 def test_bf16_autocast_on_cpu_keeps_fp32_mask_scores_and_rotations(problem, unlabeled):
     pre, experts, heads, data = problem
     m = MOMAMerger(pre, experts, heads, n_steps=5, precision="bf16", sparsity=0.2, random_state=0).fit(unlabeled)
