@@ -122,7 +122,13 @@ def check_task_dict(value, name, *, allow_lazy=False) -> dict:
             if allow_lazy
             else "a torch.nn.Module"
         )
-        raise TypeError(f"{name}[{task!r}] must be {what}, got {type(m).__name__}")
+        hint = ""
+        if not allow_lazy and (isinstance(m, (Mapping, str, os.PathLike)) or is_loader(m)):
+            hint = (
+                "; only MOMAMerger reads state dicts, checkpoint paths and loaders: load the models first, "
+                "e.g. with momaestimator.checkpoints.load_open_clip_encoder"
+            )
+        raise TypeError(f"{name}[{task!r}] must be {what}, got {type(m).__name__}{hint}")
     return out
 
 

@@ -44,6 +44,7 @@ _FITTED = (
     "feature_dim_",
     "interrupted_",
     "merge_params_",
+    "extra_params_",
 )
 _MERGE_PARAMS = ("base", "scaling", "top_k")  # what the base merge (and the absorbed encoder) depends on
 
@@ -240,6 +241,9 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         keeps the best state so far (the merger is fitted and usable) and then re-raises the
         interrupt, so that it still stops a search or a script; before the first step the merger
         stays unfitted.
+    extra_params_ : int
+        Parameters the merged model needs beyond one encoder and the original heads: always 0
+        (the attribute every baseline reports too).
     merge_params_ : dict
         ``base``, ``scaling`` and ``top_k`` as ``fit`` used them. :meth:`transform`, :meth:`score`
         and :meth:`merged_state_dict` use these, so ``set_params`` after ``fit`` changes nothing
@@ -487,6 +491,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         self.feature_dim_ = feature_dim
         self.interrupted_ = result.interrupted
         self.merge_params_ = {k: getattr(self, k) for k in _MERGE_PARAMS}
+        self.extra_params_ = 0  # mask and rotations are absorbed (as the baselines report theirs)
         if result.interrupted:
             # The interrupt still stops the program (a search, a script): the merger keeps the state.
             raise KeyboardInterrupt(
@@ -740,6 +745,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
             )
         for k, v in fitted.items():
             setattr(merger, k, v)
+        merger.extra_params_ = 0  # files saved before it was recorded
         merger.mask_ = mask
         merger._fitted_heads()  # heads that fit the saved rotations (feature size, dtype)
         return merger

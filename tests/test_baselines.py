@@ -339,3 +339,15 @@ def test_inputs_of_another_shape_are_refused_before_any_forward_pass(problem, un
     with pytest.raises(ValueError, match=r"X\['task1'\] has samples of shape .*every task's inputs must fit"):
         est.fit(bad)
     assert calls == []
+
+
+def test_every_method_reports_extra_params_and_baselines_say_what_they_take(problem, unlabeled, tmp_path):
+    pre, experts, heads, _ = problem
+    assert MOMAMerger(pre, experts, heads, n_steps=1).fit(unlabeled).extra_params_ == 0
+    paths = {}
+    for t, m in experts.items():
+        paths[t] = tmp_path / f"{t}.pt"
+        torch.save(m.state_dict(), paths[t])
+    MOMAMerger(pre, paths, heads, n_steps=1).fit(unlabeled)  # MOMAMerger reads paths
+    with pytest.raises(TypeError, match=r"\['task0'\] must be a torch.nn.Module, got PosixPath; only MOMAMerger reads"):
+        TaskArithmetic(pre, paths, heads).fit()

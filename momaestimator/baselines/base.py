@@ -103,6 +103,7 @@ class MergerBase(ModuleSummaryReprMixin, BaseEstimator):
         fts = V.check_task_dict(self.finetuned_encoders, "finetuned_encoders")
         heads = V.check_task_dict(self.heads, "heads")
         tasks = V.check_same_tasks(finetuned_encoders=fts, heads=heads)
+
         pre = as_state_dict(self.pretrained_encoder, name="pretrained_encoder")
         V.check_state(pre, "pretrained_encoder")
         for t, m in fts.items():
