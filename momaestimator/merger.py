@@ -227,8 +227,10 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
     rotations_ : dict of str to torch.Tensor
         ``Q_t`` (``d × d``, orthogonal) per task.
     history_ : list of dict
-        One record per step: ``step``, ``loss``, ``per_task_loss``, ``seconds``, ``valid_loss`` when
-        evaluated, and on a CUDA device ``graphed`` (whether the step replayed CUDA graphs).
+        One record per step: ``step``, ``loss``, ``per_task_loss``, ``seconds`` (cumulative: the
+        time from the start of the first step to the end of this one, held-out evaluations
+        included; differences give step times), ``valid_loss`` when evaluated, and on a CUDA
+        device ``graphed`` (whether the step replayed CUDA graphs).
     n_iter_ : int
         Steps run.
     best_step_ : int
