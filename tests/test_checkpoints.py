@@ -938,6 +938,11 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "corrupt npz": (_replace(args, "--data", str(tmp_path / "corrupt.npz")), "cannot read it as an .npz"),
         "npz without a task": (_replace(args, "--data", str(tmp_path / "two.npz")), "no samples for tasks ['MNIST']"),
         "unreadable image": (_replace(args, "--data", str(tmp_path / "images")), "broken.png: cannot read the image"),
+        "misspelt task": (
+            _replace(args, "--tasks", "SUN397", "Cars", "MINST"),
+            "no samples for tasks ['MINST']; it must cover ['SUN397', 'Cars', 'MINST']; 'MINST' is not a task of "
+            "the releases (did you mean 'MNIST'?)",
+        ),
     }
 
 
@@ -957,6 +962,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "corrupt npz",
         "npz without a task",
         "unreadable image",
+        "misspelt task",
     ],
 )
 def test_merge_command_reports_bad_inputs_before_loading_without_a_traceback(tmp_path, capsys, no_loading, case):

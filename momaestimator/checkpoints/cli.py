@@ -29,6 +29,8 @@ from momaestimator.checkpoints.files import atomic_write
 from momaestimator.checkpoints.merged import save_merged_model
 from momaestimator.checkpoints.openclip import open_clip_model_config
 from momaestimator.checkpoints.releases import (
+    TALL_MASKS_TASKS,
+    TASK_VECTORS_TASKS,
     canonical_task_name,
     load_tall_masks_release,
     load_task_vectors_release,
@@ -246,6 +248,20 @@ def _load_image_folder(files: dict[str, list[Path]], image_size) -> dict[str, to
     return {t: torch.stack(_open_images(f, lambda image: transform(image.convert("RGB")))) for t, f in files.items()}
 
 
+def _typo_hint(names: list[str]) -> str:
+    """``; 'MINST' is not a task of the releases (did you mean 'MNIST'?)`` for unknown names, else ``""``."""
+    import difflib
+
+    known = list(dict.fromkeys((*TASK_VECTORS_TASKS, *TALL_MASKS_TASKS)))
+    hints = []
+    for name in names:
+        if canonical_task_name(name) is None:
+            close = difflib.get_close_matches(name.upper(), [k.upper() for k in known], n=1, cutoff=0.6)
+            guess = next((k for k in known if close and k.upper() == close[0]), None)
+            hints.append(f"{name!r} is not a task of the releases" + (f" (did you mean {guess!r}?)" if guess else ""))
+    return "; " + "; ".join(hints) if hints else ""
+
+
 def _precheck_data(args, tasks: list[str]) -> dict[str, torch.Tensor] | dict[str, list[Path]]:
     """Read (an .npz) or check (an image folder) ``--data`` before any checkpoint is loaded.
 
@@ -262,7 +278,9 @@ def _precheck_data(args, tasks: list[str]) -> dict[str, torch.Tensor] | dict[str
             _open_images(files, lambda image: image.verify())
     missing = [t for t in tasks if t not in data]
     if missing:
-        raise _CommandError(f"--data {args.data} has no samples for tasks {missing}; it must cover {tasks}")
+        raise _CommandError(
+            f"--data {args.data} has no samples for tasks {missing}; it must cover {tasks}{_typo_hint(missing)}"
+        )
     return {t: data[t] for t in tasks}
 
 
