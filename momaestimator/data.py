@@ -686,7 +686,7 @@ def _stack_items(items, labels, start, task, with_labels=True):
     return x, y
 
 
-def materialize_inputs(source, *, task: str, dtype=None, device=None) -> torch.Tensor:
+def materialize_inputs(source, *, task: str, dtype=None, device=None, max_samples=None) -> torch.Tensor:
     """All inputs of one task as one tensor (fit data is small: a few samples per class).
 
     Parameters
@@ -699,6 +699,8 @@ def materialize_inputs(source, *, task: str, dtype=None, device=None) -> torch.T
         Convert to this dtype (integer inputs become float32 otherwise).
     device : str or torch.device, optional
         Move to this device.
+    max_samples : int, optional
+        Keep the first this many samples and stop reading the source there.
 
     Returns
     -------
@@ -718,10 +720,17 @@ def materialize_inputs(source, *, task: str, dtype=None, device=None) -> torch.T
     if isinstance(source, (torch.Tensor, np.ndarray)):
         # the caller's own tensor (a view of the array), not a copy: fit data is only read
         x = _to_tensor(source, what=f"X[{task!r}]")
+        if max_samples is not None and x.ndim:
+            x = x[:max_samples]
         parts = [x] if x.ndim and len(x) else []
     else:
-        parts = [x for x, _ in iter_task_batches(source, task=task, with_labels=False)]
-        x = torch.cat(parts) if parts else None
+        parts, n = [], 0
+        for x, _ in iter_task_batches(source, task=task, with_labels=False):
+            parts.append(x)
+            n += len(x)
+            if max_samples is not None and n >= max_samples:
+                break  # read no further
+        x = torch.cat(parts)[:max_samples] if parts else None
     if not parts or len(x) == 0:
         raise ValueError(f"X[{task!r}] is empty: fit needs at least one unlabeled sample per task")
     if not x.is_floating_point():

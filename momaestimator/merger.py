@@ -46,6 +46,7 @@ _FITTED = (
     "merge_params_",
     "extra_params_",
 )
+_MANY_SAMPLES = 10_000  # fit inputs of one task above this: a warning (MOMA needs a few per class)
 _MERGE_PARAMS = ("base", "scaling", "top_k")  # what the base merge (and the absorbed encoder) depends on
 
 
@@ -154,6 +155,12 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         Adam learning rate of the rotation generators (much lower than ``lr``: see the user guide).
     batch_size : int, default=16
         Samples per task per step.
+    max_samples_per_task : int or None, default=None
+        Read at most this many samples of each task's fit inputs: the first ones, in the order
+        the input gives them (a shuffled loader: a random subset), and stop reading there. ``fit``
+        keeps every sample it reads in memory (and computes the experts' logits on all of them),
+        while MOMA needs a few per class: cap it when you pass a whole training loader. ``None``
+        reads everything (with a warning above 10,000 samples of a task).
     validation_fraction : float, default=0.2
         Share of each task's *unlabeled* fit data held out; the state with the lowest held-out
         objective is kept (early stopping without labels). 0 keeps the last state.
@@ -278,6 +285,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         lr=0.05,
         rotation_lr=1e-3,
         batch_size=16,
+        max_samples_per_task=None,
         validation_fraction=0.2,
         eval_every=10,
         rotation_map="exp",
@@ -306,6 +314,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         self.lr = lr
         self.rotation_lr = rotation_lr
         self.batch_size = batch_size
+        self.max_samples_per_task = max_samples_per_task
         self.validation_fraction = validation_fraction
         self.eval_every = eval_every
         self.rotation_map = rotation_map
@@ -352,6 +361,10 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         V.check_choice(self.rotation_init, "rotation_init", ("identity", "procrustes"))
         V.check_choice(self.precision, "precision", list(V.PRECISIONS))
         V.check_task_batching(self.task_batching)
+        if self.max_samples_per_task is not None:
+            V.check_number(
+                self.max_samples_per_task, "max_samples_per_task (None or a positive int)", low=1, integer=True
+            )
         if self.micro_batch_size is not None:
             V.check_number(self.micro_batch_size, "micro_batch_size (None or a positive int)", low=1, integer=True)
         for flag in ("learn_mask", "learn_rotations", "recompute_merged_weights", "cuda_graphs"):
@@ -390,7 +403,16 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         V.check_same_tasks(finetuned_encoders=dict.fromkeys(tasks), X=sources)
         # inputs stay where they are (loaders and arrays: host memory); fitting moves one batch at a
         # time to the fit device, so the device holds no copy of every task's data
-        x = {t: materialize_inputs(sources[t], task=t, dtype=dtype) for t in tasks}
+        cap = self.max_samples_per_task
+        x = {t: materialize_inputs(sources[t], task=t, dtype=dtype, max_samples=cap) for t in tasks}
+        many = {t: len(v) for t, v in x.items() if len(v) > _MANY_SAMPLES}
+        if many and cap is None:
+            warnings.warn(
+                f"fit read every fit input of task(s) {many} (samples) into memory and runs every expert on "
+                f"them; MOMA needs a few per class: max_samples_per_task caps what fit reads",
+                UserWarning,
+                stacklevel=3,
+            )
         V.check_sample_shapes(x, tasks)
         return x
 

@@ -384,3 +384,39 @@ def test_verbose_takes_a_bool_and_batches_come_as_an_iterator(problem, unlabeled
         assert all(torch.equal(ref.mask_[k], other.mask_[k]) for k in ref.mask_)
     with pytest.raises(TypeError, match="verbose must be an int"):
         MOMAMerger(pre, experts, heads, verbose="yes").fit(unlabeled)
+
+
+def test_max_samples_per_task_reads_the_first_samples_and_stops_reading(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    reads = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self, x):
+            self.x = x
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return self.x[i]
+
+    cap = 7
+    first = {t: x[:cap] for t, x in unlabeled.items()}
+    loaders = {t: DataLoader(Counting(x), batch_size=3) for t, x in unlabeled.items()}
+    ref = MOMAMerger(pre, experts, heads, n_steps=2, random_state=0).fit(first)
+    for X in (unlabeled, loaders):
+        reads.clear()
+        capped = MOMAMerger(pre, experts, heads, n_steps=2, max_samples_per_task=cap, random_state=0).fit(X)
+        assert all(torch.equal(ref.rotations_[t], capped.rotations_[t]) for t in ref.tasks_)
+        assert all(torch.equal(ref.mask_[k], capped.mask_[k]) for k in ref.mask_)
+    assert len(reads) == len(unlabeled) * 9  # three batches of 3 per task: no further
+    with pytest.raises(ValueError, match=r"max_samples_per_task \(None or a positive int\) must be in \[1, inf\]"):
+        MOMAMerger(pre, experts, heads, max_samples_per_task=0).fit(unlabeled)
+
+
+def test_a_whole_training_set_as_fit_input_gets_a_warning(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    big = {t: x[:1].expand(10_001, *x.shape[1:]) for t, x in unlabeled.items()}
+    with pytest.warns(UserWarning, match=r"fit read every fit input of task\(s\) \{'task0': 10001"):
+        MOMAMerger(pre, experts, heads, n_steps=1, random_state=0).fit(big)
