@@ -725,7 +725,8 @@ def materialize_inputs(source, *, task: str, dtype=None, device=None, max_sample
         parts = [x] if x.ndim and len(x) else []
     else:
         parts, n = [], 0
-        for x, _ in iter_task_batches(source, task=task, with_labels=False):
+        batch = 256 if max_samples is None else max(1, min(256, max_samples))  # datasets: read no extra item
+        for x, _ in iter_task_batches(source, batch_size=batch, task=task, with_labels=False):
             parts.append(x)
             n += len(x)
             if max_samples is not None and n >= max_samples:

@@ -7,6 +7,7 @@ user's inputs, and calls :mod:`momaestimator.merging` for every piece of tensor 
 from __future__ import annotations
 
 import functools
+import inspect
 import numbers
 import os
 import pickle
@@ -411,7 +412,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
                 f"fit read every fit input of task(s) {many} (samples) into memory and runs every expert on "
                 f"them; MOMA needs a few per class: max_samples_per_task caps what fit reads",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,  # through the with_autograd wrapper to the caller of fit
             )
         V.check_sample_shapes(x, tasks)
         return x
@@ -524,6 +525,25 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
             )
         return self
 
+    def _runtime_device(self):
+        """The device that transform and score use (with the precision checked); not the fit settings."""
+        V.check_choice(self.precision, "precision", list(V.PRECISIONS))
+        return V.resolve_device(self.device)
+
+    def __setstate__(self, state):
+        # Pickles of earlier versions: parameters added since take their defaults, and a fitted
+        # merger gets the attributes fit records now (its merge settings: the parameters it has).
+        super().__setstate__(state)
+        self._complete_state()
+
+    def _complete_state(self):
+        for name, param in inspect.signature(type(self).__init__).parameters.items():
+            if name != "self" and param.default is not param.empty and name not in self.__dict__:
+                setattr(self, name, param.default)
+        if "mask_" in self.__dict__:
+            self.__dict__.setdefault("merge_params_", {k: getattr(self, k) for k in _MERGE_PARAMS})
+            self.__dict__.setdefault("extra_params_", 0)
+
     def _merge_param(self, name):
         """A base-merge setting: as fitted (``merge_params_``) once fitted, else the parameter."""
         fitted = self.__dict__.get("merge_params_")
@@ -571,7 +591,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
                     f"validation_fraction={self.validation_fraction} holds out no sample of task(s) {small} "
                     "(samples per task); fitting without a held-out set, on every sample, for all tasks",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=4,  # through the with_autograd wrapper to the caller of fit
                 )
             return x_all, {}
         return x_train, x_val
@@ -665,7 +685,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         dict of str to float
         """
         check_is_fitted(self, "mask_")
-        device = self._check_params()
+        device = self._runtime_device()
         sources, labels = check_scoring_inputs(X, y, self.tasks_)  # before the merge
         model = self.transform().to(device)
         autocast = V.PRECISIONS[self.precision]
@@ -735,6 +755,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         """
         import joblib
 
+        path = Path(path).expanduser()
         try:
             with open(path, "rb") as f:
                 state = joblib.load(f)
@@ -750,7 +771,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         elif str(params.get("device", "cpu")).startswith("cuda") and not torch.cuda.is_available():
             params["device"] = "cpu"
         merger = cls(pretrained_encoder, finetuned_encoders, heads, **params)
-        merger._check_params()  # the device is usable here
+        merger._runtime_device()  # the device is usable here
         tasks, pre_state, _, _ = merger._check_models()
         fitted = state["fitted"]
         if set(tasks) != set(fitted["tasks_"]):  # any order: the fitted one is kept
@@ -769,7 +790,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
             )
         for k, v in fitted.items():
             setattr(merger, k, v)
-        merger.extra_params_ = 0  # files saved before it was recorded
         merger.mask_ = mask
+        merger._complete_state()  # files saved before merge_params_ / extra_params_ were recorded
         merger._fitted_heads()  # heads that fit the saved rotations (feature size, dtype)
         return merger

@@ -204,6 +204,9 @@ def test_a_model_config_naming_its_activation_is_followed(tmp_path, capsys):
     assert isinstance(default.transformer.resblocks[0].mlp.gelu, QuickGELU)
     explicit, _, _ = load_tall_masks_release(TALL_ROOT, TINY, TALL_TASKS, model_cfg=gelu_cfg, quick_gelu=True)
     assert isinstance(explicit.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    # a pickled tower says what it is: the config does not override it (as load_open_clip_encoder)
+    pickled, _, _ = load_task_vectors_release(TV_ROOT, TINY, ["MNIST"], model_cfg=gelu_cfg)
+    assert isinstance(pickled.transformer.resblocks[0].mlp.gelu, QuickGELU)
     cfg_file = tmp_path / "gelu.json"
     cfg_file.write_text(json.dumps(gelu_cfg))
     args = _command(tmp_path, release="tall_masks", root=TALL_ROOT, tasks=TALL_TASKS)
@@ -1319,3 +1322,44 @@ def test_a_merged_model_with_a_malformed_description_gets_a_checkpoint_error(tmp
     with pytest.raises(CheckpointError, match="malformed") as info:
         load_merged_model(out)
     assert str(weights) in str(info.value)
+
+
+class _Restrided:
+    """Pickles as a checked 1-element tensor that BUILD then re-strides to 10**10 elements."""
+
+    def __reduce__(self):
+        storage = torch.ones(1).storage()
+        args = (storage, 0, (1,), (1,), False, __import__("collections").OrderedDict())
+        return (torch._utils._rebuild_tensor_v2, args, (storage, 0, (100_000, 100_000), (0, 0)))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # TypedStorage is deprecated
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_tensor_restrided_by_build_is_checked_too(tmp_path, protocol):
+    path = tmp_path / "restrided.pkl"
+    path.write_bytes(pickle.dumps({"weight": _Restrided()}, protocol=protocol))
+    for loader in (read_checkpoint, load_legacy_pickle):
+        with pytest.raises(UnsafeCheckpointError, match="views 10000000000 elements of a storage of 1"):
+            loader(path)
+
+
+def test_sparse_and_other_honest_tensors_still_load(tmp_path):
+    dense = torch.arange(12.0).view(3, 4)
+    state = {
+        "coo": dense.to_sparse(),
+        "csr": dense.to_sparse_csr(),
+        "empty": torch.zeros(0, 5),
+        "transposed": dense.t(),
+        "slice": dense[1:, ::2],
+        "half": dense.half(),
+        "broadcast_row": torch.ones(1, 4).expand(1, 4),
+    }
+    path = tmp_path / "honest.pt"
+    torch.save(state, path)
+    for loader in (read_checkpoint, load_state_dict_file):  # state dicts: read weights-only
+        loaded = loader(path)
+        assert all(torch.equal(loaded[k].to_dense(), v.to_dense()) for k, v in state.items())
+    dense_only = {k: v for k, v in state.items() if v.layout == torch.strided}
+    torch.save(dense_only, path)
+    loaded = load_legacy_pickle(path)  # the restricted unpickler (release pickles hold no sparse tensors)
+    assert all(torch.equal(loaded[k], v) for k, v in dense_only.items())

@@ -411,6 +411,11 @@ def test_max_samples_per_task_reads_the_first_samples_and_stops_reading(problem,
         assert all(torch.equal(ref.rotations_[t], capped.rotations_[t]) for t in ref.tasks_)
         assert all(torch.equal(ref.mask_[k], capped.mask_[k]) for k in ref.mask_)
     assert len(reads) == len(unlabeled) * 9  # three batches of 3 per task: no further
+    reads.clear()
+    MOMAMerger(pre, experts, heads, n_steps=1, max_samples_per_task=cap).fit(
+        {t: Counting(x) for t, x in unlabeled.items()}
+    )
+    assert len(reads) == len(unlabeled) * cap  # a dataset: not one item more
     with pytest.raises(ValueError, match=r"max_samples_per_task \(None or a positive int\) must be in \[1, inf\]"):
         MOMAMerger(pre, experts, heads, max_samples_per_task=0).fit(unlabeled)
 

@@ -276,10 +276,43 @@ def test_load_of_a_file_without_merge_params_uses_the_saved_parameters(problem, 
     assert state["fitted"]["merge_params_"]["scaling"] == 0.5
     del state["fitted"]["merge_params_"]  # a file written before merge_params_ existed
     joblib.dump(state, path)
+    del state["fitted"]["extra_params_"]
+    joblib.dump(state, path)
     loaded = MOMAMerger.load(path, pre, experts, heads)
-    assert not hasattr(loaded, "merge_params_") and loaded.scaling == 0.5
+    assert loaded.merge_params_["scaling"] == 0.5 and loaded.extra_params_ == 0  # from the saved parameters
     a, b = merger.transform().state_dict(), loaded.transform().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    loaded.set_params(scaling=0.9).save(path)  # saves again; the fitted setting stays
+    again = MOMAMerger.load(path, pre, experts, heads).transform().state_dict()
+    assert all(torch.equal(a[k], again[k]) for k in a)
+
+
+def test_a_merger_pickled_before_new_parameters_existed_still_works(problem, unlabeled):
+    import pickle
+
+    pre, experts, heads, data = problem
+    merger = MOMAMerger(pre, experts, heads, n_steps=2, random_state=0).fit(unlabeled)
+    old = pickle.loads(pickle.dumps(merger))
+    for name in ("max_samples_per_task", "merge_params_", "extra_params_"):
+        del old.__dict__[name]  # as an earlier version pickled it
+    revived = pickle.loads(pickle.dumps(old))
+    assert revived.get_params()["max_samples_per_task"] is None and revived.merge_params_ == merger.merge_params_
+    assert "MOMAMerger(" in repr(revived) and revived.score(data) == merger.score(data)
+    clone(revived).fit(unlabeled)
+
+
+def test_score_uses_the_fitted_settings_and_warnings_point_at_the_caller(problem, unlabeled, tmp_path, monkeypatch):
+    pre, experts, heads, data = problem
+    merger = MOMAMerger(pre, experts, heads, n_steps=2, random_state=0).fit(unlabeled)
+    score = merger.score(data)
+    assert merger.set_params(scaling=-1.0, sparsity=2.0).score(data) == score  # settings of the next fit
+    with pytest.warns(UserWarning, match="holds out no sample") as record:
+        MOMAMerger(pre, experts, heads, n_steps=1, validation_fraction=0.01).fit(unlabeled)
+    assert record[0].filename == __file__
+    monkeypatch.setenv("HOME", str(tmp_path))
+    merger.save("~/models/merger.joblib")
+    assert (tmp_path / "models" / "merger.joblib").is_file()
+    assert MOMAMerger.load("~/models/merger.joblib", pre, experts, heads).score(data) == score
 
 
 def test_load_and_transform_take_the_models_in_any_task_order(problem, unlabeled, tmp_path):

@@ -240,11 +240,12 @@ def _floating_dtype(module: nn.Module) -> torch.dtype | None:
 
 
 def _load_release(arch, zeroshot, finetuned, heads, quick_gelu):
-    if quick_gelu is None and isinstance(arch, Mapping) and arch.get("quick_gelu") is not None:
-        quick_gelu = bool(arch["quick_gelu"])  # a config that names its activation: as if passed
     state, detected, source = checkpoint_state(zeroshot)
     # Both releases fine-tuned OpenAI's CLIP, trained with QuickGELU; a pickled tower says so itself.
-    activation = quick_gelu if quick_gelu is not None else (detected if detected is not None else True)
+    # Order: the argument, the pickled tower, the config's entry (as load_open_clip_encoder), True.
+    configured = arch.get("quick_gelu") if isinstance(arch, Mapping) else None
+    fallback = bool(configured) if configured is not None else True
+    activation = quick_gelu if quick_gelu is not None else (detected if detected is not None else fallback)
     pretrained = encoder_from_state_dict(arch, state, quick_gelu=activation, source=source)
     del state
     encoders = {}
@@ -298,8 +299,8 @@ def load_task_vectors_release(root, model="ViT-B-32", tasks=None, *, model_cfg=N
         An open_clip model config (``embed_dim``, ``vision_cfg``) to use instead of looking
         ``model`` up in open_clip, e.g. for a custom or tiny architecture.
     quick_gelu : bool or None, default=None
-        Activation of the towers. ``None``: the ``"quick_gelu"`` entry of ``model_cfg`` if it
-        has one, else read off the pickled tower, else ``True`` as for the OpenAI-initialised
+        Activation of the towers. ``None``: read off the pickled tower, else the ``"quick_gelu"``
+        entry of ``model_cfg`` if it has one, else ``True`` as for the OpenAI-initialised
         release.
 
     Returns

@@ -105,6 +105,8 @@ def check_tensor_extent(tensor: torch.Tensor, what: str = "a tensor") -> torch.T
     ...
     momaestimator.checkpoints.errors.UnsafeCheckpointError: refused: a tensor views 1000 elements of a storage of 1 ...
     """
+    if tensor.layout != torch.strided or tensor.is_meta:  # sparse: no strides; meta: no memory
+        return tensor
     size = tensor.element_size()
     held = tensor.untyped_storage().nbytes() // size if size else 0
     if tensor.numel() > max(held, 1):
@@ -302,8 +304,10 @@ class RestrictedUnpickler(pickle._Unpickler):
         elif kind is torch.Tensor:
             # Tensors of the pre-0.4 format: (storage, offset, size, stride).
             inst.set_(*state)
+            check_tensor_extent(inst)  # the new strides, as a rebuild's are checked
         elif kind is nn.Parameter:
             inst.__setstate__(state)
+            check_tensor_extent(inst)
         elif isinstance(inst, _numpy_dtype_type()):
             # The byte order and flags of a dtype built for a numpy scalar; a new instance.
             inst.__setstate__(state)
