@@ -33,6 +33,7 @@ from .merging.functional import encode, first_linear_weight, structure_copy
 from .merging.rotation import orthogonal_procrustes, rotation_angles
 from .merging.task_arithmetic import multitask_vector
 from .merging.task_vectors import as_state_dict
+from .metrics import check_class_labels
 
 __all__ = [
     "mask_statistics",
@@ -51,8 +52,13 @@ def _inputs(X, task_order):
     for t in task_order:
         xs, ys = [], []
         for x, y in iter_task_batches(sources[t], labels[t], task=t):
-            xs.append(x if x.is_floating_point() else x.float())
-            ys.append(None if y is None else torch.as_tensor(np.asarray(y)).long())
+            x = x if x.is_floating_point() else x.float()
+            if not torch.isfinite(x).all():
+                raise ValueError(f"X[{t!r}] contains NaN or infinite values")
+            if y is not None and len(y) != len(x):
+                raise ValueError(f"task {t!r}: {len(y)} labels for {len(x)} inputs")
+            xs.append(x)
+            ys.append(None if y is None else torch.as_tensor(check_class_labels(y, t)))
         if not xs:
             raise ValueError(f"X[{t!r}] is empty")
         out[t] = (torch.cat(xs), None if any(y is None for y in ys) else torch.cat(ys))
@@ -170,7 +176,12 @@ def misalignment_report(
             for split, (x, _) in (("fit", fit_data[t]), ("eval", eval_data[t])):
                 x = x.to(device=device, dtype=dtype)  # the models' dtype (float64 and half precision too)
                 # the analysis itself runs in float64 on the CPU (the features are small)
-                feats[split] = tuple(encode(skeleton, s, x).cpu().double() for s in (theta, ft_state))
+                try:
+                    feats[split] = tuple(encode(skeleton, s, x).cpu().double() for s in (theta, ft_state))
+                except RuntimeError as exc:
+                    raise ValueError(
+                        f"X[{t!r}]: the encoder cannot take inputs of shape {tuple(x.shape[1:])} per sample ({exc})"
+                    ) from exc
             rows.append(_task_row(t, heads[t], feats, eval_data[t][1], n_neighbors, ridge, threshold, max_distortion))
     return rows
 
@@ -199,7 +210,10 @@ def _task_row(task, head, feats, y, n_neighbors, ridge, threshold, max_distortio
     k = int((evals >= 1e-4 * evals.max()).sum())
     sv = torch.linalg.svdvals(lin @ evecs.flip(1)[:, :k])
     polar = float((sv / sv.mean() - 1).norm() / k**0.5)
-    expert_pred = _logits(head, b).argmax(-1)
+    expert_logits = _logits(head, b)
+    if y is not None:
+        check_class_labels(y.numpy(), task, n_classes=expert_logits.shape[-1])
+    expert_pred = expert_logits.argmax(-1)
     preds = {
         "merged": _logits(head, a).argmax(-1),
         "procrustes": _logits(head, a @ q.T).argmax(-1),

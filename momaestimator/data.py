@@ -255,6 +255,11 @@ class TaskSamples:
             if missing or extra:
                 raise ValueError(f"labels must name the same tasks as inputs; missing: {missing}, extra: {extra}")
             for t in storage:
+                if lab[t].ndim != 1:
+                    raise ValueError(
+                        f"labels[{t!r}] has shape {lab[t].shape}; expected one class index per input (1-D), "
+                        "e.g. labels.argmax(1) for one-hot labels"
+                    )
                 if len(lab[t]) != len(storage[t]):
                     raise ValueError(
                         f"task {t!r}: {len(lab[t])} labels for {len(storage[t])} inputs; expected one label per input"
@@ -510,7 +515,10 @@ def as_label_array(labels) -> np.ndarray:
     (array([1, 0]), array([2, 3]))
     """
     if isinstance(labels, torch.Tensor):
-        return labels.detach().cpu().numpy()
+        labels = labels.detach().cpu()
+        if labels.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16
+            labels = labels.float()
+        return labels.numpy()
     return np.asarray(labels)
 
 
@@ -550,10 +558,13 @@ def iter_task_batches(source, labels=None, *, batch_size=256, task="?", with_lab
     >>> [(x.shape[0], y.tolist()) for x, y in iter_task_batches(torch.zeros(5, 2), labels, batch_size=3)]
     [(3, [0, 1, 0]), (2, [1, 0])]
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not with_labels:
         labels = None
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], TaskSamples):
         ts, idx = source
+        _check_label_count(labels, len(idx), task)
         for i in range(0, len(idx), batch_size):
             part = idx[i : i + batch_size]
             x, y = ts.task_batch(task, part, with_labels=with_labels and labels is None)
@@ -561,6 +572,7 @@ def iter_task_batches(source, labels=None, *, batch_size=256, task="?", with_lab
         return
     if isinstance(source, (torch.Tensor, np.ndarray)):
         x_all = _to_tensor(source, what=f"X[{task!r}]")
+        _check_label_count(labels, len(x_all), task)  # before the first batch
         for i in range(0, len(x_all), batch_size):
             yield x_all[i : i + batch_size], (labels[i : i + batch_size] if labels is not None else None)
         return

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
+
+from .data import task_keyed
 
 __all__ = ["LinearHead", "MergedModel"]
 
@@ -37,6 +40,10 @@ class LinearHead(nn.Module):
         weight = torch.as_tensor(weight).detach().clone()
         if weight.ndim != 2:
             raise ValueError(f"weight must be 2-D (n_classes, n_features), got shape {tuple(weight.shape)}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise TypeError(f"normalize must be a bool, got {normalize!r}")
         if bias is None:
             bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
         bias = torch.as_tensor(bias, dtype=weight.dtype).detach().clone()
@@ -102,7 +109,7 @@ class MergedModel(nn.Module):
     def __init__(self, encoder: nn.Module, heads):
         super().__init__()
         self.encoder = encoder
-        self.heads = nn.ModuleDict(dict(heads))
+        self.heads = nn.ModuleDict(task_keyed(heads, "heads"))  # model(x, 0) serves the task "0"
 
     @property
     def tasks(self) -> list[str]:

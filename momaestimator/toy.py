@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from open_clip.transformer import VisionTransformer
+from sklearn.utils import check_random_state
 from torch import nn
 
 from .models import LinearHead
@@ -127,7 +129,8 @@ def make_problem(
         Standard deviation of the pixel noise around each class prototype (higher: harder tasks).
     normalize : bool, default=True
         Whether heads L2-normalise features (CLIP-style) or are plain linear maps.
-    random_state : int, default=0
+    random_state : int or None, default=0
+        Seed of everything; ``None`` draws one from NumPy's global generator.
 
     Returns
     -------
@@ -143,6 +146,12 @@ def make_problem(
     >>> sorted(experts), X["task0"][0].shape
     (['task0', 'task1'], torch.Size([24, 3, 8, 8]))
     """
+    if n_samples < n_classes:
+        raise ValueError(
+            f"n_samples={n_samples} < n_classes={n_classes}: every class needs a sample (its head row is a class mean)"
+        )
+    if random_state is None:
+        random_state = int(check_random_state(None).randint(np.iinfo(np.int32).max))  # as scikit-learn draws
     gen = torch.Generator().manual_seed(random_state)
     pre = make_tower(image_size=image_size, output_dim=output_dim, layers=layers, random_state=random_state)
     experts, heads, data = {}, {}, {}

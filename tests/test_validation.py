@@ -273,3 +273,125 @@ def test_an_open_clip_low_precision_encoder_fits_and_scores_with_its_precision()
             t: float((model(v, t).argmax(-1) == torch.as_tensor(y)).float().mean()) for t, (v, y) in data.items()
         }
     assert merger.score_per_task(data) == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------- the lower-level public helpers
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"micro_batch_size": 0}, "micro_batch_size must be an int >= 1"),
+        ({"rotation_init": "procrustess"}, "rotation_init must be one of"),
+        ({"objective": "mse"}, "objective must be one of"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1"),
+        ({"task_batching": "foo"}, "task_batching must be"),
+        ({"task_batching": 0}, "task_batching must be"),
+        ({"sparsity": 1.0}, r"sparsity must be in \[0.0, 1.0\)"),
+    ],
+)
+def test_fit_config_and_pass_plans_refuse_bad_settings(kw, match):
+    from momaestimator.merging import FitConfig
+    from momaestimator.merging.fit import pass_plan, task_groups
+
+    with pytest.raises(ValueError, match=match):
+        FitConfig(**kw)
+    assert FitConfig(n_steps=np.int64(3), task_batching=np.int64(2), sparsity=np.float64(0.2)).n_steps == 3
+    with pytest.raises(ValueError, match="micro_batch_size must be an int >= 1"):
+        pass_plan([4, 4], "sequential", 0)  # looped forever
+    with pytest.raises(ValueError, match="task_batching must be"):
+        task_groups(["a", "b"], "foo")
+
+
+def test_merges_refuse_two_keys_that_name_one_task_and_average_half_models_exactly():
+    from momaestimator.merging import multitask_vector, task_arithmetic, ties_merging, weight_averaging
+
+    pre = {"w": torch.zeros(2)}
+    experts = {0: {"w": torch.tensor([1.0, 1.0])}, "0": {"w": torch.tensor([3.0, -1.0])}}
+    for merge in (
+        lambda: task_arithmetic(pre, experts),
+        lambda: ties_merging(pre, experts),
+        lambda: multitask_vector(pre, experts),
+        lambda: weight_averaging(experts),
+    ):
+        with pytest.raises(ValueError, match="which name the same task '0'"):
+            merge()
+    big = [{"w": torch.tensor([40000.0], dtype=torch.float16)}] * 2  # their fp16 sum overflows
+    assert torch.equal(weight_averaging(big)["w"], torch.tensor([40000.0], dtype=torch.float16))
+    gen = torch.Generator().manual_seed(0)
+    bf16 = [{"w": torch.randn(1000, generator=gen).bfloat16()} for _ in range(8)]
+    exact = (sum(m["w"].double() for m in bf16) / 8).bfloat16()
+    assert torch.equal(weight_averaging(bf16)["w"], exact)
+
+
+def test_misalignment_report_checks_labels_and_inputs(problem):
+    from momaestimator.analysis import misalignment_report
+
+    pre, experts, heads, data = problem
+    cases = [
+        ({t: (x, y.float() + 0.5) for t, (x, y) in data.items()}, "labels must be whole class indices"),
+        ({t: (x, y + 100) for t, (x, y) in data.items()}, "label 10\\d is not a class of its head"),
+        ({t: (x, y[:5]) for t, (x, y) in data.items()}, "5 labels for"),
+        ({t: (torch.full_like(x, float("nan")), y) for t, (x, y) in data.items()}, "contains NaN"),
+        ({t: (x[:, :2], y) for t, (x, y) in data.items()}, "the encoder cannot take inputs of shape"),
+    ]
+    for X, match in cases:
+        with pytest.raises(ValueError, match=match):
+            misalignment_report(pre, experts, heads, X)
+
+
+def test_score_adam_and_batch_iteration_check_their_inputs():
+    from momaestimator.data import iter_task_batches
+    from momaestimator.merging import ScoreAdam
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match=r"gradient of score tensor 0 is torch.float32 \(2,\)"):
+        ScoreAdam([p], lr=0.1).step([0], [torch.ones(2)])  # read past the end of the buffer before
+    assert torch.equal(p, torch.zeros(4))
+    x = torch.zeros(5, 2)
+    for labels in (np.arange(2), np.arange(7)):
+        with pytest.raises(ValueError, match=f"{len(labels)} labels for the 5 samples"):
+            list(iter_task_batches(x, labels, batch_size=3))
+    for size in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            list(iter_task_batches(x, batch_size=size))
+
+
+def test_task_samples_models_and_toy_refuse_what_they_cannot_use(problem):
+    from momaestimator import MergedModel, TaskSamples
+
+    x = np.zeros((4, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"labels\['a'\] has shape \(4, 2\); expected one class index per input"):
+        TaskSamples.from_arrays({"a": x}, {"a": np.eye(2)[[0, 1, 0, 1]]})  # one-hot
+    ts = TaskSamples.from_arrays({"a": x}, {"a": torch.tensor([0, 1, 0, 1], dtype=torch.bfloat16)})
+    assert ts.targets().tolist() == [0, 1, 0, 1]
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor, got torch.int64"):
+        LinearHead(torch.ones(2, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="normalize must be a bool, got 'False'"):
+        LinearHead(torch.ones(2, 3), normalize="False")
+    pre, _, heads, data = problem
+    model = MergedModel(pre, {0: heads["task0"]})  # a task given as 0 is served as "0"
+    x0 = data["task0"][0][:2]
+    assert torch.equal(model(x0, 0), model(x0, "0"))
+    with pytest.raises(ValueError, match="n_samples=2 < n_classes=3"):
+        toy.make_problem(n_tasks=1, n_samples=2)
+    assert len(toy.make_problem(n_tasks=1, random_state=None)[1]) == 1
+
+
+def test_mask_rotations_and_objectives_refuse_degenerate_settings():
+    from momaestimator.merging import GlobalMask, Rotations, kl_to_teacher
+
+    for sparsity in (1.5, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="sparsity must be a number in"):
+            GlobalMask({"w": torch.ones(3)}, sparsity)
+    with pytest.raises(ValueError, match="multi-task vector is empty"):
+        GlobalMask({}, 0.1)
+    with pytest.raises(ValueError, match="at least one task"):
+        Rotations(0, 3)
+    rotations = Rotations(2, 3)
+    base = torch.linalg.qr(torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(0)))[0]
+    base[:, :, 0] *= torch.linalg.det(base).sign()[:, None]  # proper rotations
+    rotations.set_base(base)
+    fresh = Rotations(2, 3)
+    fresh.load_state_dict(rotations.state_dict())  # "Unexpected key 'base'" before
+    assert torch.allclose(fresh.matrices(), rotations.matrices())
+    with pytest.raises(ValueError, match=r"student logits \(4, 3\) and teacher logits \(1, 3\) differ"):
+        kl_to_teacher(torch.zeros(4, 3), torch.zeros(1, 3))

@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -120,6 +121,45 @@ class FitConfig:
     recompute_merged_weights: bool = False
     cuda_graphs: bool = True
     verbose: int = 0
+
+    def __post_init__(self):
+        _check_range(self.sparsity, "sparsity", 0.0, 1.0, high_open=True)
+        _check_range(self.scaling, "scaling", 0.0, math.inf, low_open=True)
+        _check_range(self.lr, "lr", 0.0, math.inf, low_open=True)
+        _check_range(self.rotation_lr, "rotation_lr", 0.0, math.inf, low_open=True)
+        _check_count(self.n_steps, "n_steps", 0)
+        _check_count(self.batch_size, "batch_size", 1)
+        _check_count(self.eval_every, "eval_every", 1)
+        if self.micro_batch_size is not None:
+            _check_count(self.micro_batch_size, "micro_batch_size", 1)
+        _check_task_batching(self.task_batching)
+        for name, choices in (
+            ("objective", tuple(OBJECTIVES)),
+            ("rotation_map", ("exp", "cayley")),
+            ("rotation_init", ("identity", "procrustes")),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+
+
+def _check_range(value, name, low, high, *, low_open=False, high_open=False):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
+        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {bounds}, got {value}")
+
+
+def _check_count(value, name, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _check_task_batching(task_batching):
+    if task_batching in ("joint", "sequential"):
+        return
+    if isinstance(task_batching, bool) or not isinstance(task_batching, numbers.Integral) or task_batching < 1:
+        raise ValueError(f"task_batching must be 'joint', 'sequential' or an int >= 1, got {task_batching!r}")
 
 
 @dataclass
@@ -352,6 +392,7 @@ def task_groups(tasks, task_batching) -> list[list[int]]:
     >>> task_groups(["a", "b", "c"], "joint"), task_groups(["a", "b"], "sequential")
     ([[0, 1, 2]], [[0], [1]])
     """
+    _check_task_batching(task_batching)
     n = len(tasks)
     per_pass = {"joint": n, "sequential": 1}.get(task_batching, task_batching)
     per_pass = max(1, min(int(per_pass), n))
@@ -391,6 +432,8 @@ def pass_plan(sizes, task_batching="sequential", micro_batch_size=None) -> list[
     >>> pass_plan([4, 4], "joint", micro_batch_size=3)
     [[(0, 0, 3)], [(0, 3, 4), (1, 0, 2)], [(1, 2, 4)]]
     """
+    if micro_batch_size is not None:
+        _check_count(micro_batch_size, "micro_batch_size", 1)
     sizes = [int(n) for n in sizes]
     plan = []
     for group in task_groups(list(range(len(sizes))), task_batching):
@@ -690,9 +733,18 @@ class ScoreAdam:
         grads : list of torch.Tensor
             Their gradients (float32, same shapes).
         """
+        grads = list(grads)
+        if len(grads) != len(indices):
+            raise ValueError(f"{len(indices)} score tensors but {len(grads)} gradients")
+        for i, g in zip(indices, grads):
+            if g.shape != self.params[i].shape or g.dtype != self.params[i].dtype:
+                raise ValueError(
+                    f"the gradient of score tensor {i} is {g.dtype} {tuple(g.shape)}, the tensor "
+                    f"{self.params[i].dtype} {tuple(self.params[i].shape)}"
+                )
         functional_adam(
             [self.params[i] for i in indices],
-            list(grads),
+            grads,
             [self.exp_avgs[i] for i in indices],
             [self.exp_avg_sqs[i] for i in indices],
             [],

@@ -16,6 +16,7 @@ to the base merge.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -201,6 +202,10 @@ class GlobalMask(nn.Module):
 
     def __init__(self, multitask_vector: dict, sparsity: float, generator: torch.Generator | None = None):
         super().__init__()
+        if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= sparsity < 1:
+            raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        if not multitask_vector:
+            raise ValueError("the multi-task vector is empty: nothing to mask")
         self.names = list(multitask_vector)
         numels = [multitask_vector[k].numel() for k in self.names]
         self.n_entries = sum(numels)

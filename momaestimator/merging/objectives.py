@@ -31,6 +31,10 @@ def kl_to_teacher(student_logits, teacher_logits, student_features=None, teacher
     >>> float(kl_to_teacher(logits, logits))
     0.0
     """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
+        )
     t = F.log_softmax(teacher_logits, dim=-1)
     s = F.log_softmax(student_logits, dim=-1)
     return (t.exp() * (t - s)).sum(-1).mean()

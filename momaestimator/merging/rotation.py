@@ -101,11 +101,20 @@ class Rotations(nn.Module):
         super().__init__()
         if method not in ("exp", "cayley"):
             raise ValueError(f"unknown rotation method {method!r}; expected 'exp' or 'cayley'")
+        if n_tasks < 1 or dim < 1:
+            raise ValueError(f"Rotations needs at least one task and one dimension, got n_tasks={n_tasks}, dim={dim}")
         self.method = method
         self.generators = nn.ParameterList(
             [nn.Parameter(torch.zeros(dim, dim, device=device, dtype=dtype)) for _ in range(n_tasks)]
         )
         self.register_buffer("base", None)  # fixed starting rotations B_t: Q_t = B_t map(A_t)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state dict saved after set_base holds "base": a fresh module (base None) takes it
+        key = prefix + "base"
+        if self.base is None and key in state_dict:
+            self.base = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def set_base(self, base: torch.Tensor) -> None:

@@ -131,10 +131,11 @@ def weight_averaging(finetuned, pretrained=None):
     out = {}
     for k, v in ref.items():
         if is_mergeable(v):
-            acc = torch.zeros_like(v)
+            # summed in float32 at least: half-precision sums overflow (two fp16 40000s) and round
+            acc = torch.zeros_like(v, dtype=torch.promote_types(v.dtype, torch.float32))
             for ft in fts.values():
-                acc += ft[k].to(acc.device)
-            out[k] = acc / len(fts)
+                acc += ft[k].to(acc.device, acc.dtype)
+            out[k] = (acc / len(fts)).to(v.dtype)
         else:
             out[k] = v.clone()
     return out

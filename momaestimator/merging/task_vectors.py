@@ -67,7 +67,16 @@ def as_task_dict(models, *, name: str = "finetuned") -> dict[str, object]:
     if isinstance(models, Mapping):
         if not models:
             raise ValueError(f"{name} is empty: give at least one task")
-        return {str(k): v for k, v in models.items()}
+        out, original = {}, {}
+        for key, value in models.items():
+            task = str(key)
+            if task in out:
+                raise ValueError(
+                    f"{name} has the keys {original[task]!r} and {key!r}, which name the same task {task!r} "
+                    "(task names are compared as strings)"
+                )
+            out[task], original[task] = value, key
+        return out
     if isinstance(models, Sequence) and not isinstance(models, (str, bytes)):
         if len(models) == 0:
             raise ValueError(f"{name} is empty: give at least one task")
