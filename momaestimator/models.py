@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from torch import nn
@@ -109,7 +111,8 @@ class MergedModel(nn.Module):
     def __init__(self, encoder: nn.Module, heads):
         super().__init__()
         self.encoder = encoder
-        self.heads = nn.ModuleDict(task_keyed(heads, "heads"))  # model(x, 0) serves the task "0"
+        pairs = heads if isinstance(heads, Mapping) else dict(heads)  # a dict, a ModuleDict or (name, head) pairs
+        self.heads = nn.ModuleDict(task_keyed(pairs, "heads"))  # model(x, 0) serves the task "0"
 
     @property
     def tasks(self) -> list[str]:

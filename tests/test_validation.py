@@ -371,6 +371,7 @@ def test_task_samples_models_and_toy_refuse_what_they_cannot_use(problem):
     model = MergedModel(pre, {0: heads["task0"]})  # a task given as 0 is served as "0"
     x0 = data["task0"][0][:2]
     assert torch.equal(model(x0, 0), model(x0, "0"))
+    assert torch.equal(MergedModel(pre, [("task0", heads["task0"])])(x0, "task0"), model(x0, 0))  # pairs
     with pytest.raises(ValueError, match="n_samples=2 < n_classes=3"):
         toy.make_problem(n_tasks=1, n_samples=2)
     assert len(toy.make_problem(n_tasks=1, random_state=None)[1]) == 1
@@ -391,7 +392,8 @@ def test_mask_rotations_and_objectives_refuse_degenerate_settings():
     base[:, :, 0] *= torch.linalg.det(base).sign()[:, None]  # proper rotations
     rotations.set_base(base)
     fresh = Rotations(2, 3)
-    fresh.load_state_dict(rotations.state_dict())  # "Unexpected key 'base'" before
+    fresh.load_state_dict({k: v.float() for k, v in rotations.state_dict().items()})  # "Unexpected key 'base'" before
+    assert fresh.base.dtype == torch.float64  # as set_base keeps it
     assert torch.allclose(fresh.matrices(), rotations.matrices())
     with pytest.raises(ValueError, match=r"student logits \(4, 3\) and teacher logits \(1, 3\) differ"):
         kl_to_teacher(torch.zeros(4, 3), torch.zeros(1, 3))

@@ -112,8 +112,10 @@ class Rotations(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a state dict saved after set_base holds "base": a fresh module (base None) takes it
         key = prefix + "base"
-        if self.base is None and key in state_dict:
-            self.base = torch.empty_like(state_dict[key])
+        if self.base is None and key in state_dict:  # where and in which dtype set_base keeps it
+            gen = self.generators[0]
+            exact = torch.float32 if gen.device.type == "mps" else torch.float64
+            self.base = torch.empty(state_dict[key].shape, device=gen.device, dtype=exact)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
