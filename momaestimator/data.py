@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 
+from .merging.task_vectors import string_keyed
+
 __all__ = [
     "TaskSamples",
     "as_label_array",
@@ -61,8 +63,7 @@ def task_keyed(mapping: Mapping, name: str) -> dict:
     >>> task_keyed({0: "a", "b": "c"}, "X")
     {'0': 'a', 'b': 'c'}
     """
-    out, original = {}, {}
-    for key, value in mapping.items():
+    for key in mapping:
         task = str(key)
         if not task or "." in task:
             raise ValueError(
@@ -74,13 +75,7 @@ def task_keyed(mapping: Mapping, name: str) -> dict:
                 f"{name} has the task name {key!r}, which is an attribute of torch's ModuleDict (like "
                 "'train', 'eval', 'keys'); the merged model keeps its heads in one, so rename the task"
             )
-        if task in out:
-            raise ValueError(
-                f"{name} has the keys {original[task]!r} and {key!r}, which name the same task {task!r} "
-                "(task names are compared as strings)"
-            )
-        out[task], original[task] = value, key
-    return out
+    return string_keyed(mapping, name)
 
 
 def _to_tensor(x, *, what: str) -> torch.Tensor:

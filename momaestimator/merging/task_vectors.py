@@ -54,6 +54,26 @@ def as_state_dict(model, *, name: str = "model") -> dict[str, torch.Tensor]:
     raise TypeError(f"{name} must be a torch.nn.Module or a state dict, got {type(model).__name__}")
 
 
+def string_keyed(mapping: Mapping, name: str) -> dict[str, object]:
+    """``mapping`` with its keys as strings; two keys with the same string (``0`` and ``"0"``) are refused.
+
+    Examples
+    --------
+    >>> string_keyed({0: "a", "b": "c"}, "X")
+    {'0': 'a', 'b': 'c'}
+    """
+    out, original = {}, {}
+    for key, value in mapping.items():
+        task = str(key)
+        if task in out:
+            raise ValueError(
+                f"{name} has the keys {original[task]!r} and {key!r}, which name the same task {task!r} "
+                "(task names are compared as strings)"
+            )
+        out[task], original[task] = value, key
+    return out
+
+
 def as_task_dict(models, *, name: str = "finetuned") -> dict[str, object]:
     """Normalise ``{task: model}`` or a list of models into an ordered ``{task: model}`` dict.
 
@@ -67,16 +87,7 @@ def as_task_dict(models, *, name: str = "finetuned") -> dict[str, object]:
     if isinstance(models, Mapping):
         if not models:
             raise ValueError(f"{name} is empty: give at least one task")
-        out, original = {}, {}
-        for key, value in models.items():
-            task = str(key)
-            if task in out:
-                raise ValueError(
-                    f"{name} has the keys {original[task]!r} and {key!r}, which name the same task {task!r} "
-                    "(task names are compared as strings)"
-                )
-            out[task], original[task] = value, key
-        return out
+        return string_keyed(models, name)
     if isinstance(models, Sequence) and not isinstance(models, (str, bytes)):
         if len(models) == 0:
             raise ValueError(f"{name} is empty: give at least one task")
