@@ -1343,6 +1343,7 @@ def test_a_tensor_restrided_by_build_is_checked_too(tmp_path, protocol):
             loader(path)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta", "ignore:Validating sparse tensor")
 def test_sparse_and_other_honest_tensors_still_load(tmp_path):
     dense = torch.arange(12.0).view(3, 4)
     state = {
