@@ -257,6 +257,8 @@ def feature_dim(skeleton, state: dict, x: torch.Tensor, autocast_dtype=None) -> 
         with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             z = encode(skeleton, state, x[:1].to(device))
     except RuntimeError as exc:
+        if isinstance(exc, torch.OutOfMemoryError):  # not the inputs' fault: as it is
+            raise
         halves = {v.dtype for v in state.values() if v.is_floating_point()} & {torch.bfloat16, torch.float16}
         hint = ""
         if autocast_dtype is None and len({v.dtype for v in state.values() if v.is_floating_point()}) > 1 and halves:

@@ -179,6 +179,8 @@ def misalignment_report(
                 try:
                     feats[split] = tuple(encode(skeleton, s, x).cpu().double() for s in (theta, ft_state))
                 except RuntimeError as exc:
+                    if isinstance(exc, torch.OutOfMemoryError):  # not the inputs' fault: as it is
+                        raise
                     raise ValueError(
                         f"X[{t!r}]: the encoder cannot take inputs of shape {tuple(x.shape[1:])} per sample ({exc})"
                     ) from exc

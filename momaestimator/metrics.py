@@ -212,6 +212,8 @@ def _accuracy_of_sources(model, sources, labels, *, device="cpu", autocast_dtype
                 with torch.autocast(x.device.type, autocast_dtype, enabled=autocast_dtype is not None):
                     logits = model(x, task)
             except RuntimeError as exc:
+                if isinstance(exc, torch.OutOfMemoryError):  # not the inputs' fault: as it is
+                    raise
                 raise ValueError(
                     f"X[{task!r}]: the model cannot take inputs of shape {tuple(x.shape)} ({exc})"
                 ) from exc

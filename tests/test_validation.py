@@ -397,3 +397,23 @@ def test_mask_rotations_and_objectives_refuse_degenerate_settings():
     assert torch.allclose(fresh.matrices(), rotations.matrices())
     with pytest.raises(ValueError, match=r"student logits \(4, 3\) and teacher logits \(1, 3\) differ"):
         kl_to_teacher(torch.zeros(4, 3), torch.zeros(1, 3))
+
+
+def test_out_of_memory_in_the_encoder_is_not_blamed_on_the_inputs(problem, monkeypatch):
+    from momaestimator.analysis import misalignment_report
+    from momaestimator.baselines import TaskArithmetic
+
+    pre, experts, heads, data = problem
+    merger = TaskArithmetic(pre, experts, heads).fit()
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(type(pre), "forward", oom)
+    for call in (
+        lambda: merger.score(data),
+        lambda: misalignment_report(pre, experts, heads, data),
+        lambda: MOMAMerger(pre, experts, heads, n_steps=1).fit({t: x for t, (x, _) in data.items()}),
+    ):
+        with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+            call()
