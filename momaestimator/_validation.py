@@ -6,6 +6,7 @@ modifies its inputs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -21,6 +22,20 @@ from .merging.functional import encode, first_linear_weight, rotation_mismatch
 BASES = ("task_arithmetic", "ties")
 OBJECTIVE_NAMES = ("kl", "feature", "entropy")
 PRECISIONS = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def inputs_blamed(what: str):
+    """Turn a ``RuntimeError`` of a model run on some inputs into a ``ValueError`` saying ``what``.
+
+    An out-of-memory error is not the inputs' fault and propagates as it is.
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        raise ValueError(f"{what} ({exc})") from exc
 
 
 def check_number(value, name, *, low=None, high=None, low_open=False, high_open=False, integer=False):

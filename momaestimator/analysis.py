@@ -55,8 +55,6 @@ def _inputs(X, task_order):
             x = x if x.is_floating_point() else x.float()
             if not torch.isfinite(x).all():
                 raise ValueError(f"X[{t!r}] contains NaN or infinite values")
-            if y is not None and len(y) != len(x):
-                raise ValueError(f"task {t!r}: {len(y)} labels for {len(x)} inputs")
             xs.append(x)
             ys.append(None if y is None else torch.as_tensor(check_class_labels(y, t)))
         if not xs:
@@ -176,14 +174,10 @@ def misalignment_report(
             for split, (x, _) in (("fit", fit_data[t]), ("eval", eval_data[t])):
                 x = x.to(device=device, dtype=dtype)  # the models' dtype (float64 and half precision too)
                 # the analysis itself runs in float64 on the CPU (the features are small)
-                try:
+                with V.inputs_blamed(
+                    f"X[{t!r}]: the encoder cannot take inputs of shape {tuple(x.shape[1:])} per sample"
+                ):
                     feats[split] = tuple(encode(skeleton, s, x).cpu().double() for s in (theta, ft_state))
-                except RuntimeError as exc:
-                    if isinstance(exc, torch.OutOfMemoryError):  # not the inputs' fault: as it is
-                        raise
-                    raise ValueError(
-                        f"X[{t!r}]: the encoder cannot take inputs of shape {tuple(x.shape[1:])} per sample ({exc})"
-                    ) from exc
             rows.append(_task_row(t, heads[t], feats, eval_data[t][1], n_neighbors, ridge, threshold, max_distortion))
     return rows
 

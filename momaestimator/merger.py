@@ -22,7 +22,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from . import _validation as V
-from ._display import ModuleSummaryReprMixin
+from ._display import MODULE_PARAMS, ModuleSummaryReprMixin
 from ._io import atomic_write
 from .data import materialize_inputs, split_inputs_and_labels
 from .merging.fit import FitConfig, HeadSpec, fit_moma, merged_state, recomputed_blocks, teacher_targets
@@ -34,7 +34,6 @@ from .models import MergedModel
 
 __all__ = ["MOMAMerger"]
 
-_MODULE_PARAMS = ("pretrained_encoder", "finetuned_encoders", "heads")
 _FITTED = (
     "tasks_",
     "mask_",
@@ -334,7 +333,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
     def __sklearn_clone__(self):
         """Clone parameters as scikit-learn does, but share the (read-only) user modules."""
         params = self.get_params(deep=False)
-        new = {k: (v if k in _MODULE_PARAMS else clone(v, safe=False)) for k, v in params.items()}
+        new = {k: (v if k in MODULE_PARAMS else clone(v, safe=False)) for k, v in params.items()}
         return type(self)(**new)
 
     def __sklearn_tags__(self):
@@ -720,7 +719,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
 
         check_is_fitted(self, "mask_")
         path = Path(path).expanduser()
-        params = {k: v for k, v in self.get_params(deep=False).items() if k not in _MODULE_PARAMS}
+        params = {k: v for k, v in self.get_params(deep=False).items() if k not in MODULE_PARAMS}
         seed = params.get("random_state")
         # a seed is kept (numpy integers too); a RandomState instance's state is not
         params["random_state"] = int(seed) if isinstance(seed, numbers.Integral) else None

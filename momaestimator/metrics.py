@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from ._validation import inputs_blamed
 from .data import check_positional_labels, iter_task_batches, n_samples, split_inputs_and_labels, task_keyed
 
 __all__ = ["accuracy_per_task", "check_class_labels", "check_scoring_inputs", "per_task_accuracy_scorer"]
@@ -208,15 +209,9 @@ def _accuracy_of_sources(model, sources, labels, *, device="cpu", autocast_dtype
             x = x.to(device=device, dtype=dtype)  # integer images too: the model's dtype
             if not torch.isfinite(x).all():
                 raise ValueError(f"X[{task!r}] contains NaN or infinite values")
-            try:
-                with torch.autocast(x.device.type, autocast_dtype, enabled=autocast_dtype is not None):
-                    logits = model(x, task)
-            except RuntimeError as exc:
-                if isinstance(exc, torch.OutOfMemoryError):  # not the inputs' fault: as it is
-                    raise
-                raise ValueError(
-                    f"X[{task!r}]: the model cannot take inputs of shape {tuple(x.shape)} ({exc})"
-                ) from exc
+            autocast = torch.autocast(x.device.type, autocast_dtype, enabled=autocast_dtype is not None)
+            with inputs_blamed(f"X[{task!r}]: the model cannot take inputs of shape {tuple(x.shape)}"), autocast:
+                logits = model(x, task)
             if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
                 raise ValueError(
                     f"task {task!r}: the model returns logits of shape {tuple(logits.shape)} for {x.shape[0]} "

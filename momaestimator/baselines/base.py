@@ -14,7 +14,7 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.utils.validation import check_is_fitted
 
 from .. import _validation as V
-from .._display import ModuleSummaryReprMixin
+from .._display import MODULE_PARAMS, ModuleSummaryReprMixin
 from ..data import materialize_inputs, split_inputs_and_labels
 from ..merging.fit import HeadSpec, teacher_targets
 from ..merging.functional import structure_copy
@@ -23,7 +23,6 @@ from ..metrics import _accuracy_of_sources, check_scoring_inputs
 
 __all__ = ["MergerBase", "count_parameters"]
 
-MODULE_PARAMS = ("pretrained_encoder", "finetuned_encoders", "heads")
 MERGE_PARAMS = ("base", "scaling", "top_k", "merge")  # the base merge's settings, frozen by fit
 
 
