@@ -7,6 +7,7 @@ modifies its inputs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import numbers
 import os
@@ -53,6 +54,18 @@ def check_number(value, name, *, low=None, high=None, low_open=False, high_open=
         rng = f"{lb}{'-inf' if low is None else low}, {'inf' if high is None else high}{hb}"
         raise ValueError(f"{name} must be in {rng}, got {value!r}")
     return value
+
+
+def check_random_state(value, name="random_state"):
+    """Raise ``ValueError`` unless ``value`` seeds scikit-learn's ``check_random_state`` (None, an int
+    in ``[0, 2**32)``, a ``RandomState``); draws nothing from it.
+    """
+    from sklearn.utils import check_random_state as seeded
+
+    try:
+        seeded(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be None, an int in [0, 2**32) or a numpy RandomState, got {value!r}") from exc
 
 
 def check_choice(value, name, choices):
@@ -106,7 +119,13 @@ def is_loader(value) -> bool:
 
 
 def check_task_dict(value, name, *, allow_lazy=False) -> dict:
-    """``{task: module}`` from a dict or list, rejecting strings and single modules."""
+    """``{task: module}`` from a dict or list (or ``nn.ModuleDict``/``nn.ModuleList``), rejecting strings
+    and single modules.
+    """
+    if isinstance(value, nn.ModuleDict):
+        value = dict(value.items())
+    elif isinstance(value, nn.ModuleList):
+        value = list(value)
     if isinstance(value, nn.Module):
         raise TypeError(
             f"{name} must be a dict {{task: module}} or a list of modules, got a single {type(value).__name__}"
@@ -145,6 +164,64 @@ def check_task_dict(value, name, *, allow_lazy=False) -> dict:
             )
         raise TypeError(f"{name}[{task!r}] must be {what}, got {type(m).__name__}{hint}")
     return out
+
+
+def check_heads_dict(value) -> dict:
+    """``{task: head}`` (:func:`check_task_dict`), with parametrized heads as plain copies.
+
+    A head whose weights are computed by a parametrization (``torch.nn.utils.parametrizations
+    .weight_norm``, the older ``weight_norm``/``spectral_norm`` hooks) holds no ``weight`` entry
+    to rotate: it is replaced by a copy holding its effective weights as plain parameters (the same
+    function; the user's head is not modified).
+    """
+    return {t: _unparametrized(h) for t, h in check_task_dict(value, "heads").items()}
+
+
+def _weight_hooks(module: nn.Module) -> dict:
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return {k: h for k, h in module._forward_pre_hooks.items() if isinstance(h, (WeightNorm, SpectralNorm))}
+
+
+def _unparametrized(head: nn.Module) -> nn.Module:
+    from torch.nn.utils import parametrize
+
+    mods = [m for m in head.modules() if parametrize.is_parametrized(m) or _weight_hooks(m)]
+    if not mods:
+        return head
+    # the older hooks keep the computed weight as a plain (non-leaf) attribute, which deepcopy refuses
+    memo = {
+        id(m.__dict__[h.name]): m.__dict__[h.name].detach().clone() for m in mods for h in _weight_hooks(m).values()
+    }
+    plain = copy.deepcopy(head, memo)
+    with torch.no_grad():
+        for m in plain.modules():
+            if parametrize.is_parametrized(m):
+                # not parametrize.remove_parametrizations: it edits the parametrized class, which the
+                # user's head shares with this copy
+                values = {
+                    name: (getattr(m, name).detach().clone(), any(p.requires_grad for p in chain.parameters()))
+                    for name, chain in m.parametrizations.items()
+                }
+                del m._modules["parametrizations"]
+                m.__class__ = m.__class__.__bases__[0]
+                for name, (value, grad) in values.items():
+                    m.register_parameter(name, nn.Parameter(value, requires_grad=grad))
+            for key, hook in _weight_hooks(m).items():
+                hook.remove(m)
+                del m._forward_pre_hooks[key]
+    return plain
+
+
+def encoder_dtype(module: nn.Module, state: dict | None = None):
+    """The encoder's floating dtype: its first floating parameter's (a float64 constant buffer of a
+    float32 encoder does not count), else its first floating state entry's; ``None`` without any.
+    """
+    entries = [p for p in module.parameters() if p.is_floating_point()] if isinstance(module, nn.Module) else []
+    if not entries:
+        entries = [v for v in (state if state is not None else {}).values() if v.is_floating_point()]
+    return entries[0].dtype if entries else None
 
 
 def check_same_tasks(**named) -> list[str]:

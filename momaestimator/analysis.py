@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as V
-from .data import iter_task_batches, split_inputs_and_labels
+from .data import iter_task_batches, model_inputs, split_inputs_and_labels
 from .merging.fit import merged_state
 from .merging.functional import encode, first_linear_weight, structure_copy
 from .merging.rotation import orthogonal_procrustes, rotation_angles
@@ -52,7 +52,7 @@ def _inputs(X, task_order):
     for t in task_order:
         xs, ys = [], []
         for x, y in iter_task_batches(sources[t], labels[t], task=t):
-            x = x if x.is_floating_point() else x.float()
+            x = model_inputs(x)
             if not torch.isfinite(x).all():
                 raise ValueError(f"X[{t!r}] contains NaN or infinite values")
             xs.append(x)
@@ -149,7 +149,7 @@ def misalignment_report(
     ['accuracy_expert', 'accuracy_linear', 'accuracy_merged']
     """
     fts = V.check_task_dict(finetuned_encoders, "finetuned_encoders")
-    heads = V.check_task_dict(heads, "heads")
+    heads = V.check_heads_dict(heads)
     tasks = V.check_same_tasks(finetuned_encoders=fts, heads=heads)
     V.check_choice(base, "base", V.BASES)
     V.check_number(scaling, "scaling", low=0.0, low_open=True)
@@ -165,14 +165,14 @@ def misalignment_report(
     theta = merged_state(pre, tau, None, scaling)
     device = next(iter(pre.values())).device  # where the user's models are (a GPU too)
     skeleton = structure_copy(pretrained_encoder, device=device)
-    dtype = next((v.dtype for v in pre.values() if v.is_floating_point()), torch.float32)
+    dtype = V.encoder_dtype(pretrained_encoder, pre) or torch.float32
     rows = []
     with torch.no_grad():
         for t in tasks:
             ft_state = {k: v.to(device) for k, v in as_state_dict(fts[t]).items()}
             feats = {}
             for split, (x, _) in (("fit", fit_data[t]), ("eval", eval_data[t])):
-                x = x.to(device=device, dtype=dtype)  # the models' dtype (float64 and half precision too)
+                x = model_inputs(x, dtype=dtype, device=device)  # the models' dtype (float64, half precision)
                 # the analysis itself runs in float64 on the CPU (the features are small)
                 with V.inputs_blamed(
                     f"X[{t!r}]: the encoder cannot take inputs of shape {tuple(x.shape[1:])} per sample"

@@ -25,6 +25,7 @@ __all__ = [
     "iter_task_batches",
     "check_positional_labels",
     "materialize_inputs",
+    "model_inputs",
     "n_samples",
     "split_inputs_and_labels",
     "task_keyed",
@@ -703,7 +704,9 @@ def materialize_inputs(source, *, task: str, dtype=None, device=None, max_sample
     task : str
         The task name, for error messages.
     dtype : torch.dtype, optional
-        Convert to this dtype (integer inputs become float32 otherwise).
+        The encoder's floating dtype: floating and ``uint8``/``bool`` inputs are converted to it
+        (to float32 without one); other integer inputs (token ids) keep their dtype
+        (:func:`model_inputs`).
     device : str or torch.device, optional
         Move to this device.
     max_samples : int, optional
@@ -741,11 +744,37 @@ def materialize_inputs(source, *, task: str, dtype=None, device=None, max_sample
         x = torch.cat(parts)[:max_samples] if parts else None
     if not parts or len(x) == 0:
         raise ValueError(f"X[{task!r}] is empty: fit needs at least one unlabeled sample per task")
-    if not x.is_floating_point():
-        x = x.float()
     if not _all_finite(x):
         raise ValueError(f"X[{task!r}] contains NaN or infinite values")
-    return x.to(device=device, dtype=dtype)
+    return model_inputs(x, dtype=dtype, device=device)
+
+
+def model_inputs(x: torch.Tensor, *, dtype=None, device=None) -> torch.Tensor:
+    """Inputs as a model takes them: floats (and ``uint8``/``bool`` image data) in ``dtype``
+    (default float32 for the latter), other integer types (token ids, indices) as they are.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+    dtype : torch.dtype, optional
+        The model's floating dtype.
+    device : str or torch.device, optional
+
+    Returns
+    -------
+    torch.Tensor
+
+    Examples
+    --------
+    >>> import torch
+    >>> model_inputs(torch.zeros(2, dtype=torch.uint8)).dtype, model_inputs(torch.zeros(2, dtype=torch.long)).dtype
+    (torch.float32, torch.int64)
+    """
+    if x.is_floating_point():
+        return x.to(device=device, dtype=dtype)
+    if x.dtype in (torch.uint8, torch.bool):
+        return x.to(device=device, dtype=dtype or torch.float32)
+    return x.to(device=device)
 
 
 def _all_finite(x: torch.Tensor, chunk: int = 1 << 22) -> bool:

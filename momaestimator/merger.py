@@ -357,6 +357,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         V.check_number(self.eval_every, "eval_every", low=1, integer=True)
         V.check_choice(self.base, "base", V.BASES)
         V.check_choice(self.objective, "objective", V.OBJECTIVE_NAMES)
+        V.check_random_state(self.random_state)
         V.check_choice(self.rotation_map, "rotation_map", ("exp", "cayley"))
         V.check_choice(self.rotation_init, "rotation_init", ("identity", "procrustes"))
         V.check_choice(self.precision, "precision", list(V.PRECISIONS))
@@ -381,7 +382,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
                 f"pretrained_encoder must be a torch.nn.Module, got {type(self.pretrained_encoder).__name__}"
             )
         fts = V.check_task_dict(self.finetuned_encoders, "finetuned_encoders", allow_lazy=True)
-        heads = V.check_task_dict(self.heads, "heads")
+        heads = V.check_heads_dict(self.heads)
         tasks = V.check_same_tasks(finetuned_encoders=fts, heads=heads)
         pre_state = as_state_dict(self.pretrained_encoder, name="pretrained_encoder")
         V.check_precision(self.precision, pre_state)
@@ -436,7 +437,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         device = self._check_params()
         checkpointing = self._checked_checkpointing()
         tasks, pre_state, fts, heads = self._check_models()
-        dtype = next((v.dtype for v in pre_state.values() if v.is_floating_point()), torch.float32)
+        dtype = V.encoder_dtype(self.pretrained_encoder, pre_state) or torch.float32
         x_all = self._check_fit_data(X, tasks, device, dtype)
 
         rng = check_random_state(self.random_state)
@@ -446,7 +447,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         autocast = V.PRECISIONS[self.precision]
         feature_dim = V.feature_dim(skeleton, theta0, x_all[tasks[0]], autocast)
         V.check_heads(heads, feature_dim, dtype, rotations=self.learn_rotations)
-        head_specs = {t: self._head_spec(heads[t], device) for t in tasks}
+        head_specs = {t: HeadSpec.of(heads[t], device) for t in tasks}
 
         x_train, x_val = self._holdout(x_all, generator)
         targets_train, targets_val = {}, {}
@@ -568,11 +569,6 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         for attr in _FITTED:
             self.__dict__.pop(attr, None)
 
-    @staticmethod
-    def _head_spec(head, device):
-        state = {k: v.detach().to(device) for k, v in head.state_dict(keep_vars=True).items()}
-        return HeadSpec(skeleton=structure_copy(head, device=device), state=state)
-
     def _holdout(self, x_all, generator):
         """Split each task's unlabeled inputs into fit and held-out parts (seeded)."""
         x_train, x_val = {}, {}
@@ -661,10 +657,10 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
 
     def _fitted_heads(self) -> dict:
         """The heads of the fitted tasks, checked against the learned rotations."""
-        heads = V.check_task_dict(self.heads, "heads")
+        heads = V.check_heads_dict(self.heads)
         V.check_same_tasks(tasks_=dict.fromkeys(self.tasks_), heads=heads)
         pre_state = as_state_dict(self.pretrained_encoder)
-        pre_dtype = next((v.dtype for v in pre_state.values() if v.is_floating_point()), None)
+        pre_dtype = V.encoder_dtype(self.pretrained_encoder, pre_state)
         V.check_heads(heads, self.feature_dim_, pre_dtype, rotations=False)
         return {t: heads[t] for t in self.tasks_}
 

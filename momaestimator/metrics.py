@@ -15,7 +15,14 @@ import numpy as np
 import torch
 
 from ._validation import inputs_blamed
-from .data import check_positional_labels, iter_task_batches, n_samples, split_inputs_and_labels, task_keyed
+from .data import (
+    check_positional_labels,
+    iter_task_batches,
+    model_inputs,
+    n_samples,
+    split_inputs_and_labels,
+    task_keyed,
+)
 
 __all__ = ["accuracy_per_task", "check_class_labels", "check_scoring_inputs", "per_task_accuracy_scorer"]
 
@@ -206,7 +213,7 @@ def _accuracy_of_sources(model, sources, labels, *, device="cpu", autocast_dtype
         for x, lab in iter_task_batches(source, labels[task], task=task):
             if lab is None:
                 raise ValueError(f"task {task!r} has no labels: pass (inputs, labels), a labelled loader, or y")
-            x = x.to(device=device, dtype=dtype)  # integer images too: the model's dtype
+            x = model_inputs(x, dtype=dtype, device=device)  # uint8 images too: the model's dtype
             if not torch.isfinite(x).all():
                 raise ValueError(f"X[{task!r}] contains NaN or infinite values")
             autocast = torch.autocast(x.device.type, autocast_dtype, enabled=autocast_dtype is not None)

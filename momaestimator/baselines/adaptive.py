@@ -19,14 +19,21 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import _validation as V
-from ..merging.fit import merged_state, work_dtype
-from ..merging.functional import absorb_heads, clone_with_state, encode, structure_copy, with_autograd
+from ..merging.fit import HeadSpec, merged_state, work_dtype
+from ..merging.functional import (
+    absorb_heads,
+    clone_with_state,
+    encode,
+    private_buffers,
+    structure_copy,
+    with_autograd,
+)
 from ..merging.objectives import entropy, kl_to_teacher
 from ..merging.rotation import orthogonal_procrustes
 from ..merging.task_arithmetic import multitask_vector
 from ..merging.task_vectors import as_state_dict
 from ..models import MergedModel
-from .base import MergerBase, head_spec
+from .base import MergerBase
 from .static import _copy_heads
 
 __all__ = ["AdaMerging", "HeadFineTuning", "ProcrustesAlignment", "RepresentationSurgery", "SurgeryModel"]
@@ -57,12 +64,14 @@ class _DataMerger(MergerBase):
             V.check_choice(self.base, "base", V.BASES)
         if hasattr(self, "scaling"):
             V.check_number(self.scaling, "scaling", low=0.0, low_open=True)
+        if hasattr(self, "random_state"):
+            V.check_random_state(self.random_state)
         return V.resolve_device(self.device)
 
     def _setup(self, X):
         device = self._check_params()
         tasks, pre, fts, heads = self._validated_models()
-        dtype = next(v.dtype for v in pre.values() if v.is_floating_point())
+        dtype = V.encoder_dtype(self.pretrained_encoder, pre)
         x = self._unlabeled(X, tasks, device, dtype)
         skeleton = structure_copy(self.pretrained_encoder, device=device)
         theta0 = {k: v.to(device) for k, v in pre.items()}
@@ -174,7 +183,7 @@ class AdaMerging(_DataMerger):
         taus = {k: torch.stack([as_state_dict(fts[t])[k].to(device) - theta0[k] for t in tasks]) for k in keys}
         n_groups = 1 if self.granularity == "task" else len(keys)
         coef = torch.full((len(tasks), n_groups), float(self.init_scaling), device=device, requires_grad=True)
-        specs = {t: head_spec(heads[t], device) for t in tasks}
+        specs = {t: HeadSpec.of(heads[t], device) for t in tasks}
         opt = torch.optim.Adam([coef], lr=self.lr)
         gen = _generator(self.random_state)
         history, start = [], time.perf_counter()
@@ -186,7 +195,9 @@ class AdaMerging(_DataMerger):
             loss, offset = 0.0, 0
             for t in tasks:
                 n = len(idx[t])
-                logits = functional_call(specs[t].skeleton, specs[t].state, (z[offset : offset + n],))
+                logits = functional_call(
+                    specs[t].skeleton, private_buffers(specs[t].skeleton, specs[t].state), (z[offset : offset + n],)
+                )
                 loss = loss + entropy(logits)
                 offset += n
             opt.zero_grad()
@@ -232,7 +243,7 @@ class AdaMerging(_DataMerger):
         with torch.no_grad():
             theta = self._merge(pre, taus, self.coefficients_.to(next(iter(pre.values())).device), self.keys_)
         encoder = clone_with_state(self.pretrained_encoder, theta)
-        return MergedModel(encoder, _copy_heads(V.check_task_dict(self.heads, "heads"), self.tasks_)).eval()
+        return MergedModel(encoder, _copy_heads(V.check_heads_dict(self.heads), self.tasks_)).eval()
 
 
 class SurgeryModel(nn.Module):
@@ -419,7 +430,7 @@ class RepresentationSurgery(_DataMerger):
         SurgeryModel
         """
         check_is_fitted(self, "adapters_")
-        heads = _copy_heads(V.check_task_dict(self.heads, "heads"), self.tasks_)
+        heads = _copy_heads(V.check_heads_dict(self.heads), self.tasks_)
         encoder = self._base_encoder()
         device = _device_of(encoder)  # the adapters work on the encoder's features, where it lives
         # copies: the model is the user's to change
@@ -551,7 +562,7 @@ class HeadFineTuning(_DataMerger):
         MergedModel
         """
         check_is_fitted(self, "head_states_")
-        heads = V.check_task_dict(self.heads, "heads")
+        heads = V.check_heads_dict(self.heads)
         new = {}
         for t in self.tasks_:  # each tuned head where the user's head lives
             device = _device_of(heads[t])
@@ -650,7 +661,7 @@ class ProcrustesAlignment(_DataMerger):
         MergedModel
         """
         check_is_fitted(self, "rotations_")
-        heads = V.check_task_dict(self.heads, "heads")
+        heads = V.check_heads_dict(self.heads)
         return MergedModel(
             self._base_encoder(), absorb_heads({t: heads[t] for t in self.tasks_}, self.rotations_)
         ).eval()

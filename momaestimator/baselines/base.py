@@ -17,7 +17,6 @@ from .. import _validation as V
 from .._display import MODULE_PARAMS, ModuleSummaryReprMixin
 from ..data import materialize_inputs, split_inputs_and_labels
 from ..merging.fit import HeadSpec, teacher_targets
-from ..merging.functional import structure_copy
 from ..merging.task_vectors import as_state_dict
 from ..metrics import _accuracy_of_sources, check_scoring_inputs
 
@@ -100,14 +99,14 @@ class MergerBase(ModuleSummaryReprMixin, BaseEstimator):
                 f"pretrained_encoder must be a torch.nn.Module, got {type(self.pretrained_encoder).__name__}"
             )
         fts = V.check_task_dict(self.finetuned_encoders, "finetuned_encoders")
-        heads = V.check_task_dict(self.heads, "heads")
+        heads = V.check_heads_dict(self.heads)
         tasks = V.check_same_tasks(finetuned_encoders=fts, heads=heads)
 
         pre = as_state_dict(self.pretrained_encoder, name="pretrained_encoder")
         V.check_state(pre, "pretrained_encoder")
         for t, m in fts.items():
             V.check_encoder_states(pre, as_state_dict(m), t, same_dtype=True)
-        dtype = next((v.dtype for v in pre.values() if v.is_floating_point()), None)
+        dtype = V.encoder_dtype(self.pretrained_encoder, pre)
         V.check_heads(heads, None, dtype, rotations=self._absorbs_rotations)
         return tasks, pre, fts, heads
 
@@ -120,7 +119,7 @@ class MergerBase(ModuleSummaryReprMixin, BaseEstimator):
 
     def _teacher(self, skeleton, ft_module, head, x, device):
         state = {k: v.to(device) for k, v in as_state_dict(ft_module).items()}
-        return teacher_targets(skeleton, state, head_spec(head, device), x)
+        return teacher_targets(skeleton, state, HeadSpec.of(head, device), x)
 
     def score_per_task(self, X, y=None) -> dict[str, float]:
         """Top-1 accuracy per task of the model :meth:`transform` returns.
@@ -152,10 +151,3 @@ class MergerBase(ModuleSummaryReprMixin, BaseEstimator):
         float
         """
         return float(np.mean(list(self.score_per_task(X, y).values())))
-
-
-def head_spec(head, device) -> HeadSpec:
-    """A frozen head as skeleton + detached tensors on ``device``."""
-    return HeadSpec(
-        structure_copy(head, device=device), {k: v.detach().to(device) for k, v in head.state_dict().items()}
-    )

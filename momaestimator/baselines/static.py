@@ -58,7 +58,7 @@ class _StateMerger(MergerBase):
         """
         check_is_fitted(self, "tasks_")
         encoder = clone_with_state(self.pretrained_encoder, self._merged_state())
-        return MergedModel(encoder, _copy_heads(V.check_task_dict(self.heads, "heads"), self.tasks_)).eval()
+        return MergedModel(encoder, _copy_heads(V.check_heads_dict(self.heads), self.tasks_)).eval()
 
 
 class PretrainedHeads(_StateMerger):
@@ -295,4 +295,4 @@ class IndividualExperts(_StateMerger):
         encoders = {
             t: clone_with_state(fts[t], {k: v.detach() for k, v in fts[t].state_dict().items()}) for t in self.tasks_
         }
-        return MultiEncoderModel(encoders, _copy_heads(V.check_task_dict(self.heads, "heads"), self.tasks_)).eval()
+        return MultiEncoderModel(encoders, _copy_heads(V.check_heads_dict(self.heads), self.tasks_)).eval()

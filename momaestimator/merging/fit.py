@@ -23,7 +23,7 @@ from torch.func import functional_call
 from torch.optim.adam import adam as functional_adam
 
 from .checkpointing import BlockMerge, _within, find_blocks, recompute_blocks
-from .functional import encode
+from .functional import encode, private_buffers, structure_copy
 from .mask import GlobalMask, masked_merge, score_gradient
 from .objectives import OBJECTIVES
 from .rotation import Rotations, orthogonal_procrustes
@@ -203,6 +203,17 @@ class HeadSpec:
     skeleton: torch.nn.Module
     state: dict
 
+    @classmethod
+    def of(cls, head: torch.nn.Module, device) -> HeadSpec:
+        """The spec of ``head`` on ``device``; its tensors are detached (an inference-mode tensor,
+        which autograd could not save, is copied) and never written to.
+        """
+        state = {}
+        for k, v in head.state_dict(keep_vars=True).items():
+            v = v.detach().to(device)
+            state[k] = v.clone() if v.is_inference() else v
+        return cls(skeleton=structure_copy(head, device=device), state=state)
+
     @property
     def dtype(self):
         """The head's floating dtype (``None`` for a head without float tensors)."""
@@ -215,7 +226,8 @@ def _head_logits(head: HeadSpec, features: torch.Tensor) -> torch.Tensor:
     """
     dtype = head.dtype
     inputs = features if dtype is None or dtype == features.dtype else features.to(dtype)
-    logits = functional_call(head.skeleton, head.state, (inputs,), strict=False, tie_weights=False)
+    state = private_buffers(head.skeleton, head.state)
+    logits = functional_call(head.skeleton, state, (inputs,), strict=False, tie_weights=False)
     return logits.to(features.dtype)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 
 import torch
 from torch import nn
@@ -150,13 +151,32 @@ def clone_with_state(module: nn.Module, state: dict) -> nn.Module:
     return _copy_with(module, lambda name, t: state[name].detach().clone())
 
 
+_BUFFER_NAMES = weakref.WeakKeyDictionary()
+
+
+def private_buffers(skeleton: nn.Module, state: dict) -> dict:
+    """``state`` with the entries that are buffers of ``skeleton`` copied.
+
+    A forward pass may update buffers in place even in eval mode (a quantization observer, a
+    call counter); run on the copies, it never writes into the tensors of ``state``, which are
+    often the user's own (parameters are only read by any forward this library runs).
+    """
+    names = _BUFFER_NAMES.get(skeleton)
+    if names is None:
+        names = _BUFFER_NAMES[skeleton] = frozenset(name for name, _ in skeleton.named_buffers(remove_duplicate=False))
+    if not names:
+        return state
+    return {k: v.clone() if k in names else v for k, v in state.items()}
+
+
 def encode(skeleton: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
     """``skeleton`` evaluated with the tensors of ``state`` on input ``x``.
 
     Tied tensors take the value of the one name ``state`` gives them (see
-    :func:`~momaestimator.merging.task_vectors.as_state_dict`).
+    :func:`~momaestimator.merging.task_vectors.as_state_dict`). The tensors of ``state`` are not
+    written to, even by a forward that updates its buffers (:func:`private_buffers`).
     """
-    return functional_call(skeleton, state, (x,), strict=False, tie_weights=True)
+    return functional_call(skeleton, private_buffers(skeleton, state), (x,), strict=False, tie_weights=True)
 
 
 def first_linear_weight(head: nn.Module, *, name: str = "head") -> str:

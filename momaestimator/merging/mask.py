@@ -152,8 +152,10 @@ def score_gradient(grad_merged, scores, threshold, tau, scaling, *, out=None, bu
         sig.sigmoid_()
     if out is not None and out is grad_merged:
         grad = grad_merged.mul_(tau).mul_(scaling)
-    else:
-        grad = torch.mul(grad_merged, tau).mul_(scaling).to(sig.dtype)
+    elif grad_merged.dtype == sig.dtype:
+        grad = torch.mul(grad_merged, tau).mul_(scaling)
+    else:  # a half-precision encoder: the product in float32 (in float16, most of it underflows to 0)
+        grad = grad_merged.to(sig.dtype).mul_(tau).mul_(scaling)
     if out is None:
         return torch.ops.aten.sigmoid_backward(grad, sig)  # grad · σ(1 - σ) in one pass
     return torch.ops.aten.sigmoid_backward.grad_input(grad, sig, grad_input=out)
