@@ -37,7 +37,9 @@ def per_task_accuracy_scorer(estimator, X, y=None):
     Parameters
     ----------
     estimator : MOMAMerger
-        A fitted merger (anything with ``tasks_`` and ``score_per_task(X, y)``).
+        A fitted merger (anything with ``tasks_`` and ``score_per_task(X, y)``), a ``Pipeline``
+        ending in one (``X`` goes through the steps before it), or a fitted search over one (its
+        ``best_estimator_``; nested cross-validation).
     X : TaskSamples or dict
         Labelled evaluation data, as accepted by ``estimator.score_per_task``.
     y : array-like or dict, optional
@@ -54,6 +56,8 @@ def per_task_accuracy_scorer(estimator, X, y=None):
     ------
     ValueError
         If a task is named ``"mean"`` (its column would collide with the mean's).
+    TypeError
+        If ``estimator`` holds no merger.
 
     Examples
     --------
@@ -67,6 +71,7 @@ def per_task_accuracy_scorer(estimator, X, y=None):
     >>> scores["mean"] == merger.score(X)
     True
     """
+    estimator, X = _scored_merger(estimator, X)
     tasks = list(getattr(estimator, "tasks_", None) or [])
     if "mean" in tasks:
         raise ValueError(
@@ -77,6 +82,27 @@ def per_task_accuracy_scorer(estimator, X, y=None):
     for task in tasks or per_task:
         scores[task] = float(per_task.get(task, math.nan))
     return scores
+
+
+def _scored_merger(estimator, X):
+    """The merger inside ``estimator`` and its inputs: the last step of a ``Pipeline`` (``X`` through
+    the steps before it), a fitted search's ``best_estimator_``.
+    """
+    if hasattr(estimator, "score_per_task"):
+        return estimator, X
+    steps = getattr(estimator, "steps", None)
+    if isinstance(steps, list) and steps and hasattr(estimator, "named_steps"):
+        for _, step in steps[:-1]:
+            if step is not None and step != "passthrough":
+                X = step.transform(X)
+        return _scored_merger(steps[-1][1], X)
+    best = getattr(estimator, "best_estimator_", None)
+    if best is not None:
+        return _scored_merger(best, X)
+    raise TypeError(
+        "per_task_accuracy_scorer scores a merger (an estimator with score_per_task, such as MOMAMerger), a "
+        f"Pipeline ending in one, or a fitted search over one; got {type(estimator).__name__}"
+    )
 
 
 def check_class_labels(labels, task, *, n_classes=None) -> np.ndarray:

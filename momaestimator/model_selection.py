@@ -102,12 +102,15 @@ class TaskKFold(BaseCrossValidator):
         Yields
         ------
         train : numpy.ndarray of int
-            Sorted positions into ``X`` of the training part.
+            Positions into ``X`` of the training part, dealt out task by task (each task's in
+            increasing order), so that any first part of it (``learning_curve`` fits on growing
+            prefixes) holds every task in proportion.
         test : numpy.ndarray of int
             Sorted positions into ``X`` of the test part.
         """
-        self._task_ids(X, y)  # validate eagerly on the first ``next``
-        yield from super().split(X, y, groups)
+        task_ids = self._task_ids(X, y)  # validate eagerly on the first ``next``
+        for train, test in super().split(X, y, groups):
+            yield train[_interleaved_by_class(task_ids[train])], test
 
     @staticmethod
     def _task_ids(X, y=None):

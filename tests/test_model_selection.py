@@ -310,3 +310,39 @@ def test_folds_hold_every_class_of_every_task_even_for_data_sorted_by_class():
     unlabeled = TaskSamples.from_arrays({t: np.zeros((len(v), 2)) for t, v in y.items()})
     first_test = next(iter(TaskKFold(5).split(unlabeled)))[1]
     assert first_test.tolist() == [0, 1, 2, 3, 4, 5, 30, 31, 32]
+
+
+def test_the_scorer_reaches_the_merger_inside_a_pipeline_and_a_fitted_search(merger, samples):
+    from sklearn.pipeline import make_pipeline
+
+    plain = cross_validate(merger, samples, cv=TaskKFold(3), scoring=per_task_accuracy_scorer)
+    piped = cross_validate(make_pipeline(merger), samples, cv=TaskKFold(3), scoring=per_task_accuracy_scorer)
+    assert not np.isnan(piped["test_mean"]).any()
+    np.testing.assert_array_equal(piped["test_mean"], plain["test_mean"])
+    np.testing.assert_array_equal(piped["test_task1"], plain["test_task1"])
+    fitted = search(merger).fit(samples)
+    assert per_task_accuracy_scorer(fitted, samples) == per_task_accuracy_scorer(fitted.best_estimator_, samples)
+    with pytest.raises(TypeError, match="per_task_accuracy_scorer scores a merger.*got KFold"):
+        per_task_accuracy_scorer(KFold(3), samples)
+
+
+def test_every_prefix_of_a_training_part_holds_every_task_in_proportion(samples, problem):
+    from sklearn.model_selection import learning_curve
+
+    tasks = np.asarray(samples.task_ids)
+    for train, test in TaskKFold(3).split(samples):
+        assert np.array_equal(np.sort(train), np.setdiff1d(np.arange(len(tasks)), test))
+        for n in (3, 9, len(train) // 2):
+            counts = np.bincount(tasks[train[:n]], minlength=3)
+            assert counts.max() - counts.min() <= 1, (n, counts)
+        for t in range(3):  # each task's positions keep their order (the fit sees the same data)
+            own = train[tasks[train] == t]
+            assert np.array_equal(own, np.sort(own))
+    sizes, train_scores, test_scores = learning_curve(
+        MOMAMerger(*problem[:3], n_steps=2, random_state=0),
+        samples,
+        None,
+        cv=TaskKFold(3),
+        train_sizes=[0.25, 1.0],
+    )
+    assert not np.isnan(test_scores).any() and sizes.tolist() == [12, 48]
