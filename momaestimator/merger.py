@@ -221,7 +221,9 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
     device : str or torch.device, default="cpu"
         Where fitting and scoring run; the user's modules stay where they are.
     random_state : int, RandomState instance or None, default=None
-        Seeds batch sampling, the hold-out split and tie-breaking; an int gives identical CPU results.
+        Seeds batch sampling, the hold-out split and tie-breaking, and the reading of ``X`` (a
+        ``DataLoader(shuffle=True)`` reads the same order every fit; torch's global generator is
+        left as it was); an int gives identical CPU results.
     verbose : int or bool, default=0
         Show a progress bar when > 0 (or ``True``).
 
@@ -405,7 +407,8 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         # inputs stay where they are (loaders and arrays: host memory); fitting moves one batch at a
         # time to the fit device, so the device holds no copy of every task's data
         cap = self.max_samples_per_task
-        x = {t: materialize_inputs(sources[t], task=t, dtype=dtype, max_samples=cap) for t in tasks}
+        with V.seeded_reading(V.reading_seed(self.random_state)):  # a shuffled loader too: seeded
+            x = {t: materialize_inputs(sources[t], task=t, dtype=dtype, max_samples=cap) for t in tasks}
         many = {t: len(v) for t, v in x.items() if len(v) > _MANY_SAMPLES}
         if many and cap is None:
             warnings.warn(
