@@ -61,3 +61,23 @@ class ModuleSummaryReprMixin:
         from sklearn.utils import estimator_html_repr
 
         return estimator_html_repr(self._summarised())
+
+
+def _register_with_sklearn_printer() -> None:
+    """Let scikit-learn's pretty-printer lay out these estimators like any other (80 columns), with
+    their models summarised — inside a ``GridSearchCV`` or a ``Pipeline`` too, where it formats
+    the child's parameters itself. Its dispatch is keyed by ``__repr__``, which the mixin replaces.
+    """
+    try:
+        from sklearn.utils._pprint import _EstimatorPrettyPrinter
+    except ImportError:  # a scikit-learn without this private printer: the plain one-line repr
+        return
+    plain = _EstimatorPrettyPrinter._pprint_estimator
+
+    def pprint_summarised(printer, obj, *args):
+        return plain(printer, obj._summarised(), *args)
+
+    _EstimatorPrettyPrinter._dispatch[ModuleSummaryReprMixin.__repr__] = pprint_summarised
+
+
+_register_with_sklearn_printer()

@@ -368,3 +368,20 @@ def test_repr_and_notebook_display_summarise_the_models():
         assert "pretrained_encoder=VisionTransformer(...)" in text and "'task1': LinearHead(...)" in text
         assert "Conv2d" not in text and "Conv2d" not in html and "VisionTransformer(...)" in html
         assert est.pretrained_encoder is pre and est.heads is heads  # the estimator is not touched
+
+
+def test_repr_is_laid_out_in_columns_and_summarises_the_models_inside_a_search_or_pipeline():
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+
+    from momaestimator import toy
+
+    pre, experts, heads, _ = toy.make_problem(n_tasks=6)
+    est = MOMAMerger(pre, experts, heads, sparsity=0.2)
+    text = repr(est)
+    assert max(len(line) for line in text.splitlines()) <= 80 and text.count("\n") >= 5
+    for outer in (GridSearchCV(est, {"sparsity": [0.1, 0.3]}), make_pipeline(est)):
+        text = repr(outer)
+        assert "pretrained_encoder=VisionTransformer(...)" in text and "Conv2d" not in text
+        assert "'task5': LinearHead(...)" in text and max(len(line) for line in text.splitlines()) <= 100
+        assert "Conv2d" not in outer._repr_mimebundle_()["text/html"]
