@@ -263,3 +263,14 @@ def test_a_shuffled_loader_gives_the_same_fit_for_one_random_state_and_leaves_to
     c = AdaMerging(pre, experts, heads, n_steps=2, random_state=0).fit(loaders())
     d = AdaMerging(pre, experts, heads, n_steps=2, random_state=0).fit(loaders())
     assert [h["loss"] for h in c.history_] == [h["loss"] for h in d.history_]
+
+
+def test_a_head_reusing_its_first_linear_is_refused_for_what_it_is(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    dim = next(iter(heads.values())).weight.shape[1]
+    lin = nn.Linear(dim, dim)
+    tied = {t: nn.Sequential(lin, nn.ReLU(), lin) for t in heads}
+    with pytest.raises(ValueError, match=r"cannot absorb a rotation.*'0\.weight'"):
+        MOMAMerger(pre, experts, tied, n_steps=1).fit(unlabeled)
+    merger = MOMAMerger(pre, experts, tied, n_steps=1, learn_rotations=False, random_state=0).fit(unlabeled)
+    assert merger.n_iter_ == 1

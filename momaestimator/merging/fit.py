@@ -208,8 +208,11 @@ class HeadSpec:
         """The spec of ``head`` on ``device``; its tensors are detached (an inference-mode tensor,
         which autograd could not save, is copied) and never written to.
         """
-        state = {}
+        state, seen = {}, set()
         for k, v in head.state_dict(keep_vars=True).items():
+            if id(v) in seen:  # a tensor the head uses twice: one entry, under its first name
+                continue
+            seen.add(id(v))
             v = v.detach().to(device)
             state[k] = v.clone() if v.is_inference() else v
         return cls(skeleton=structure_copy(head, device=device), state=state)
@@ -227,7 +230,7 @@ def _head_logits(head: HeadSpec, features: torch.Tensor) -> torch.Tensor:
     dtype = head.dtype
     inputs = features if dtype is None or dtype == features.dtype else features.to(dtype)
     state = private_buffers(head.skeleton, head.state)
-    logits = functional_call(head.skeleton, state, (inputs,), strict=False, tie_weights=False)
+    logits = functional_call(head.skeleton, state, (inputs,), strict=False, tie_weights=True)
     return logits.to(features.dtype)
 
 

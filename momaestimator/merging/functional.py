@@ -258,7 +258,11 @@ def rotation_mismatch(head: nn.Module, *, n_samples: int = 8, seed: int = 0) -> 
     True
     """
     wname = first_linear_weight(head)
-    state = {k: v.detach().cpu() for k, v in head.state_dict(keep_vars=True).items()}  # float64: on the CPU
+    state, seen = {}, set()
+    for k, v in head.state_dict(keep_vars=True).items():  # float64: on the CPU
+        if id(v) not in seen:  # a tensor used twice (tied) is one entry, under its first name
+            seen.add(id(v))
+            state[k] = v.detach().cpu()
     state = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
     skeleton = structure_copy(head, device="cpu").double()
     gen = torch.Generator().manual_seed(seed)
