@@ -68,37 +68,6 @@ def check_random_state(value, name="random_state"):
         raise ValueError(f"{name} must be None, an int in [0, 2**32) or a numpy RandomState, got {value!r}") from exc
 
 
-def reading_seed(random_state):
-    """The seed under which a fit reads its inputs (:func:`seeded_reading`): the value the fit's own
-    generator is seeded with (drawn from a copy of a ``RandomState``, not consuming it); ``None``
-    for ``random_state=None``.
-    """
-    if random_state is None:
-        return None
-    from sklearn.utils import check_random_state as seeded
-
-    rng = seeded(random_state)
-    if rng is random_state:
-        rng = copy.deepcopy(rng)
-    return int(rng.randint(np.iinfo(np.int32).max))
-
-
-@contextlib.contextmanager
-def seeded_reading(seed):
-    """Read inputs with torch's CPU generator seeded with ``seed`` and restored afterwards.
-
-    A ``DataLoader(shuffle=True)`` without its own ``generator`` draws its order (and its workers'
-    seeds) from torch's global generator: under a seed the fit reads the same samples in the same
-    order every time, and the caller's generator is left as it was. ``seed=None``: as it is.
-    """
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        yield
-
-
 def check_choice(value, name, choices):
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {list(choices)}")

@@ -221,9 +221,10 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
     device : str or torch.device, default="cpu"
         Where fitting and scoring run; the user's modules stay where they are.
     random_state : int, RandomState instance or None, default=None
-        Seeds batch sampling, the hold-out split and tie-breaking, and the reading of ``X`` (a
-        ``DataLoader(shuffle=True)`` reads the same order every fit; torch's global generator is
-        left as it was); an int gives identical CPU results.
+        Seeds batch sampling, the hold-out split and tie-breaking; an int gives identical CPU results
+        for inputs read in the same order. A ``DataLoader(shuffle=True)`` draws its order from
+        torch's global generator, which fit never seeds (threads share it): give such a loader its
+        own, ``generator=torch.Generator().manual_seed(0)``, for repeatable fits.
     verbose : int or bool, default=0
         Show a progress bar when > 0 (or ``True``).
 
@@ -407,8 +408,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         # inputs stay where they are (loaders and arrays: host memory); fitting moves one batch at a
         # time to the fit device, so the device holds no copy of every task's data
         cap = self.max_samples_per_task
-        with V.seeded_reading(V.reading_seed(self.random_state)):  # a shuffled loader too: seeded
-            x = {t: materialize_inputs(sources[t], task=t, dtype=dtype, max_samples=cap) for t in tasks}
+        x = {t: materialize_inputs(sources[t], task=t, dtype=dtype, max_samples=cap) for t in tasks}
         many = {t: len(v) for t, v in x.items() if len(v) > _MANY_SAMPLES}
         if many and cap is None:
             warnings.warn(

@@ -113,8 +113,7 @@ class MergerBase(ModuleSummaryReprMixin, BaseEstimator):
     def _unlabeled(self, X, tasks, device, dtype):
         sources, _ = split_inputs_and_labels(X, None)
         V.check_same_tasks(finetuned_encoders=dict.fromkeys(tasks), X=sources)
-        with V.seeded_reading(V.reading_seed(getattr(self, "random_state", None))):  # shuffled loaders too
-            x = {t: materialize_inputs(sources[t], task=t, dtype=dtype, device=device) for t in tasks}
+        x = {t: materialize_inputs(sources[t], task=t, dtype=dtype, device=device) for t in tasks}
         V.check_sample_shapes(x, tasks)  # before any forward pass
         return x
 
