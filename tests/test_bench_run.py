@@ -135,3 +135,25 @@ def test_the_spread_over_seeds_is_the_sample_standard_deviation():
     out = _aggregate(rows)
     assert out["mean"] == 2.0 and out["std"]["mean"] == pytest.approx(2**0.5)  # ddof=1, not 1.0
     assert out["std"]["per_task"]["a"] == pytest.approx(2**0.5)
+
+
+def test_the_report_shows_the_step_early_stopping_kept_for_each_seed(report, tmp_path):
+    moma = report["methods"]["moma"]
+    assert moma["kept_step"] == [s["kept_step"] for s in moma["seeds"]] and len(moma["kept_step"]) == 2
+    assert all(0 <= k <= 3 for k in moma["kept_step"])  # n_steps=3: 0 is the starting merge
+    assert "kept_step" not in report["methods"]["task_arithmetic"]
+    line = next(x for x in format_table(report).splitlines() if x.startswith("MOMA (TA base)"))
+    assert "/".join(map(str, moma["kept_step"])) in line
+    ta_line = next(x for x in format_table(report).splitlines() if x.startswith("Task Arithmetic"))
+    assert " - " in ta_line
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "kept step" in md and "zoo seed" in md
+
+
+def test_fit_seconds_over_seeds_is_the_median():
+    from momaestimator.bench.run import _aggregate
+
+    rows = [{"per_task": {"a": 1.0}, "mean": 1.0, "normalized_mean": 1.0, "extra_params": 0, "fit_seconds": s,
+             "peak_memory_mb": 0.0} for s in (7.0, 209.0, 8.0)]  # fmt: skip
+    assert _aggregate(rows)["fit_seconds"] == 8.0

@@ -32,6 +32,16 @@ def _pm(row, key):
     return f"{row[key]:.1f}" + (f" ± {std:.1f}" if std is not None else "")
 
 
+def _kept(row) -> str:
+    """The step early stopping kept, per seed (``0``: the fit returned its starting point); ``-``
+    for a method without early stopping.
+    """
+    kept = row.get("kept_step")
+    if kept is None:
+        return "-"
+    return "/".join(str(k) for k in (kept if isinstance(kept, list) else [kept]))
+
+
 def format_table(report: dict, markdown: bool = False) -> str:
     """The comparison table: per-task accuracy, mean, normalised mean, extra params, fit time, memory.
 
@@ -43,7 +53,7 @@ def format_table(report: dict, markdown: bool = False) -> str:
     True
     """
     tasks = report["tasks"]
-    head = ["method", *tasks, "mean", "norm.", "extra params", "fit s", "peak MB"]
+    head = ["method", *tasks, "mean", "norm.", "extra params", "kept step", "fit s", "peak MB"]
     rows = []
     for name, r in report["methods"].items():
         rows.append(
@@ -53,6 +63,7 @@ def format_table(report: dict, markdown: bool = False) -> str:
                 _pm(r, "mean"),
                 _pm(r, "normalized_mean"),
                 f"{r['extra_params']:,}",
+                _kept(r),
                 f"{r['fit_seconds']:.1f}",
                 f"{r['peak_memory_mb']:.0f}",
             ]
@@ -99,7 +110,14 @@ def write_report(report: dict, out_dir) -> dict[str, str]:
         "norm. = mean over tasks of accuracy / individual expert's accuracy; extra params = inference "
         "parameters beyond one encoder + the original heads; fit s and peak MB = wall time and peak added "
         "memory of fit + transform (CPU: resident-set growth in this one process, after freed heap memory "
-        "is returned to the system before each fit; indicative only, see the scaling benchmark for memory).",
+        "is returned to the system before each fit; indicative only, see the scaling benchmark for memory); "
+        "fit s is the median over seeds of one run each, without warm-up: on a shared machine it varies "
+        "several-fold between runs. kept step = the step whose state early stopping kept (lowest held-out "
+        "objective), per seed; 0 means the fit returned its starting point (the base merge, or its "
+        "Procrustes start).",
+        f"- The ± covers the seeds' few-shot samples and the methods' random states{_fit_data_note(p)}, on "
+        f"one zoo of experts (zoo seed {p.get('zoo_seed', 0)}); how much the zoo itself moves the numbers "
+        "is not in it.",
         "",
         format_table(report, markdown=True),
     ]
@@ -108,6 +126,12 @@ def write_report(report: dict, out_dir) -> dict[str, str]:
     atomic_write(paths["md"], lambda tmp: Path(tmp).write_text("\n".join(md) + "\n"))
     paths.update(_plots(report, out_dir))
     return paths
+
+
+def _fit_data_note(protocol: dict) -> str:
+    if protocol.get("transductive"):
+        return " (transductive: the fit inputs, every test input, are the same for every seed)"
+    return ""
 
 
 def _anchor_line(zoo: dict) -> str:

@@ -119,6 +119,8 @@ def run_benchmark(
                 "fit_seconds": mem.seconds,
                 "peak_memory_mb": mem.peak_mb,
             }
+            if hasattr(est, "best_step_"):  # the step early stopping kept (0: the starting merge)
+                row["kept_step"] = int(est.best_step_)
             if hasattr(est, "history_"):
                 row["history"] = [{k: v for k, v in h.items() if k != "per_task_loss"} for h in est.history_]
             if name == "moma" and fitted_moma is None:
@@ -162,7 +164,9 @@ def _aggregate(rows):
         "mean": float(np.mean([r["mean"] for r in rows])),
         "normalized_mean": float(np.mean([r["normalized_mean"] for r in rows])),
         "extra_params": rows[0]["extra_params"],
-        "fit_seconds": float(np.mean([r["fit_seconds"] for r in rows])),
+        "fit_seconds": float(
+            np.median([r["fit_seconds"] for r in rows])
+        ),  # one run per seed, no warm-up: the median resists an outlier
         "peak_memory_mb": float(np.mean([r["peak_memory_mb"] for r in rows])),
         # the sample standard deviation over seeds (ddof=1), as the report's "±" says
         "std": {
@@ -172,6 +176,8 @@ def _aggregate(rows):
         },
         "seeds": rows,
     }
+    if "kept_step" in rows[0]:
+        out["kept_step"] = [r["kept_step"] for r in rows]
     if "history" in rows[0]:
         out["history"] = rows[0]["history"]
     return out
