@@ -218,10 +218,11 @@ def encoder_dtype(module: nn.Module, state: dict | None = None):
     """The encoder's floating dtype: its first floating parameter's (a float64 constant buffer of a
     float32 encoder does not count), else its first floating state entry's; ``None`` without any.
     """
-    entries = [p for p in module.parameters() if p.is_floating_point()] if isinstance(module, nn.Module) else []
-    if not entries:
-        entries = [v for v in (state if state is not None else {}).values() if v.is_floating_point()]
-    return entries[0].dtype if entries else None
+    if isinstance(module, nn.Module):
+        param = next((p for p in module.parameters() if p.is_floating_point()), None)
+        if param is not None:
+            return param.dtype
+    return next((v.dtype for v in (state or {}).values() if v.is_floating_point()), None)
 
 
 def check_same_tasks(**named) -> list[str]:
