@@ -19,7 +19,9 @@ pretrained, experts, heads, data = toy.make_problem(
     n_tasks=4, n_classes=5, n_samples=60, noise=1.5, finetune_steps=30, random_state=0
 )
 unlabeled = {t: x for t, (x, _) in data.items()}
-merger = MOMAMerger(pretrained, experts, heads, sparsity=0.3, n_steps=80, rotation_lr=0.01, random_state=0)
+merger = MOMAMerger(
+    pretrained, experts, heads, sparsity=0.3, n_steps=80, rotation_lr=0.01, validation_fraction=0.2, random_state=0
+)
 merger.fit(unlabeled)
 print(f"kept the state of step {merger.best_step_} of {merger.n_iter_} (lowest held-out KL)")
 

@@ -20,7 +20,9 @@ pretrained, experts, heads, data = toy.make_problem(
 unlabeled = {task: x for task, (x, _) in data.items()}
 
 base = MOMAMerger(pretrained, experts, heads, sparsity=0.0, n_steps=0).fit(unlabeled)
-moma = MOMAMerger(pretrained, experts, heads, sparsity=0.2, n_steps=80, rotation_lr=0.01, random_state=0)
+moma = MOMAMerger(
+    pretrained, experts, heads, sparsity=0.2, n_steps=80, rotation_lr=0.01, validation_fraction=0.2, random_state=0
+)
 moma.fit(unlabeled)
 model = moma.transform()  # one encoder + the heads: no extra parameters
 

@@ -400,7 +400,7 @@ def plot_history(merger, ax=None):
     >>> from momaestimator import MOMAMerger, toy
     >>> from momaestimator.analysis import plot_history
     >>> pre, experts, heads, data = toy.make_problem(n_tasks=2)
-    >>> merger = MOMAMerger(pre, experts, heads, n_steps=20, random_state=0).fit(data)
+    >>> merger = MOMAMerger(pre, experts, heads, n_steps=20, validation_fraction=0.2, random_state=0).fit(data)
     >>> ax = plot_history(merger)
     >>> [line.get_label() for line in ax.get_lines()]
     ['fit', 'held-out']

@@ -210,7 +210,7 @@ def test_a_holdout_too_small_for_some_task_is_announced(problem, unlabeled):
     pre, experts, heads, _ = problem
     tiny = {**unlabeled, "task2": unlabeled["task2"][:2]}  # 0.2 * 2 rounds to no held-out sample
     with pytest.warns(UserWarning, match=r"holds out no sample of task\(s\) \{'task2': 2\}"):
-        merger = MOMAMerger(pre, experts, heads, n_steps=2).fit(tiny)
+        merger = MOMAMerger(pre, experts, heads, n_steps=2, validation_fraction=0.2).fit(tiny)
     assert all("valid_loss" not in h for h in merger.history_)
 
 
