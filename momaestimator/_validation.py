@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import task_keyed
+from .data import index_input_hint, task_keyed
 from .merging.functional import encode, first_linear_weight, rotation_mismatch
 
 BASES = ("task_arithmetic", "ties")
@@ -195,6 +195,8 @@ def _unparametrized(head: nn.Module) -> nn.Module:
         id(m.__dict__[h.name]): m.__dict__[h.name].detach().clone() for m in mods for h in _weight_hooks(m).values()
     }
     plain = copy.deepcopy(head, memo)
+    training = {m: m.training for m in plain.modules()}
+    plain.eval()  # the weights as the head computes them in eval (no spectral-norm power iteration)
     with torch.no_grad():
         for m in plain.modules():
             if parametrize.is_parametrized(m):
@@ -208,9 +210,19 @@ def _unparametrized(head: nn.Module) -> nn.Module:
                 m.__class__ = m.__class__.__bases__[0]
                 for name, (value, grad) in values.items():
                     m.register_parameter(name, nn.Parameter(value, requires_grad=grad))
-            for key, hook in _weight_hooks(m).items():
-                hook.remove(m)
-                del m._forward_pre_hooks[key]
+            for hook in _weight_hooks(m).values():  # torch's removers drop their state-dict hooks too
+                remove = (
+                    nn.utils.remove_weight_norm
+                    if type(hook).__name__ == "WeightNorm"
+                    else nn.utils.remove_spectral_norm
+                )
+                remove(m, hook.name)
+            for key, pre_hook in list(m._load_state_dict_pre_hooks.items()):
+                # torch's remove_spectral_norm misses its own load pre-hook (registered wrapped)
+                if type(getattr(pre_hook, "hook", pre_hook)).__name__ == "SpectralNormLoadStateDictPreHook":
+                    del m._load_state_dict_pre_hooks[key]
+    for m, flag in training.items():
+        m.training = flag
     return plain
 
 
@@ -359,6 +371,7 @@ def feature_dim(skeleton, state: dict, x: torch.Tensor, autocast_dtype=None) -> 
             hint = f"; its weights mix float32 and half precision: such an encoder runs with precision={name!r}"
         raise ValueError(
             f"the encoder cannot take inputs of shape {tuple(x.shape[1:])} per sample ({exc}){hint}"
+            + index_input_hint(x)
         ) from exc
     if not isinstance(z, torch.Tensor):
         hint = "wrap it in a module whose forward returns the features tensor (e.g. the pooled output)"

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as V
-from .data import iter_task_batches, model_inputs, split_inputs_and_labels
+from .data import index_input_hint, iter_task_batches, model_inputs, split_inputs_and_labels
 from .merging.fit import merged_state
 from .merging.functional import encode, first_linear_weight, structure_copy
 from .merging.rotation import orthogonal_procrustes, rotation_angles
@@ -176,6 +176,7 @@ def misalignment_report(
                 # the analysis itself runs in float64 on the CPU (the features are small)
                 with V.inputs_blamed(
                     f"X[{t!r}]: the encoder cannot take inputs of shape {tuple(x.shape[1:])} per sample"
+                    + index_input_hint(x)
                 ):
                     feats[split] = tuple(encode(skeleton, s, x).cpu().double() for s in (theta, ft_state))
             rows.append(_task_row(t, heads[t], feats, eval_data[t][1], n_neighbors, ridge, threshold, max_distortion))

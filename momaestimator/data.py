@@ -704,9 +704,8 @@ def materialize_inputs(source, *, task: str, dtype=None, device=None, max_sample
     task : str
         The task name, for error messages.
     dtype : torch.dtype, optional
-        The encoder's floating dtype: floating and ``uint8``/``bool`` inputs are converted to it
-        (to float32 without one); other integer inputs (token ids) keep their dtype
-        (:func:`model_inputs`).
+        The encoder's floating dtype: inputs are converted to it (to float32 without one), except
+        ``int32``/``int64`` ones (token ids), which keep their dtype (:func:`model_inputs`).
     device : str or torch.device, optional
         Move to this device.
     max_samples : int, optional
@@ -750,8 +749,9 @@ def materialize_inputs(source, *, task: str, dtype=None, device=None, max_sample
 
 
 def model_inputs(x: torch.Tensor, *, dtype=None, device=None) -> torch.Tensor:
-    """Inputs as a model takes them: floats (and ``uint8``/``bool`` image data) in ``dtype``
-    (default float32 for the latter), other integer types (token ids, indices) as they are.
+    """Inputs as a model takes them: ``int32``/``int64`` (indices, such as token ids) as they are,
+    every other type (floats, and ``uint8``/``int8``/``int16``/``bool`` pixel data) in ``dtype``
+    (default float32 for the integers).
 
     Parameters
     ----------
@@ -772,9 +772,22 @@ def model_inputs(x: torch.Tensor, *, dtype=None, device=None) -> torch.Tensor:
     """
     if x.is_floating_point():
         return x.to(device=device, dtype=dtype)
-    if x.dtype in (torch.uint8, torch.bool):
-        return x.to(device=device, dtype=dtype or torch.float32)
-    return x.to(device=device)
+    if x.dtype in INDEX_DTYPES:
+        return x.to(device=device)
+    return x.to(device=device, dtype=dtype or torch.float32)
+
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def index_input_hint(x: torch.Tensor) -> str:
+    """For an error on inputs :func:`model_inputs` passed as integers, what to do if they are images."""
+    if x.dtype not in INDEX_DTYPES:
+        return ""
+    return (
+        f"; the inputs are {str(x.dtype).removeprefix('torch.')}, which reach the encoder as integers "
+        "(token ids): if they are images, give them as floats or uint8"
+    )
 
 
 def _all_finite(x: torch.Tensor, chunk: int = 1 << 22) -> bool:

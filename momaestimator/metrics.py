@@ -17,6 +17,7 @@ import torch
 from ._validation import inputs_blamed
 from .data import (
     check_positional_labels,
+    index_input_hint,
     iter_task_batches,
     model_inputs,
     n_samples,
@@ -243,7 +244,8 @@ def _accuracy_of_sources(model, sources, labels, *, device="cpu", autocast_dtype
             if not torch.isfinite(x).all():
                 raise ValueError(f"X[{task!r}] contains NaN or infinite values")
             autocast = torch.autocast(x.device.type, autocast_dtype, enabled=autocast_dtype is not None)
-            with inputs_blamed(f"X[{task!r}]: the model cannot take inputs of shape {tuple(x.shape)}"), autocast:
+            what = f"X[{task!r}]: the model cannot take inputs of shape {tuple(x.shape)}{index_input_hint(x)}"
+            with inputs_blamed(what), autocast:
                 logits = model(x, task)
             if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
                 raise ValueError(

@@ -253,3 +253,33 @@ def test_a_head_reusing_its_first_linear_is_refused_for_what_it_is(problem, unla
         MOMAMerger(pre, experts, tied, n_steps=1).fit(unlabeled)
     merger = MOMAMerger(pre, experts, tied, n_steps=1, learn_rotations=False, random_state=0).fit(unlabeled)
     assert merger.n_iter_ == 1
+
+
+def test_integer_pixel_types_become_floats_and_index_types_get_a_clear_error(problem):
+    pre, experts, heads, data = problem
+    x16 = {t: (v * 10).to(torch.int16) for t, (v, _) in data.items()}
+    assert MOMAMerger(pre, experts, heads, n_steps=1, random_state=0).fit(x16).n_iter_ == 1
+    x64 = {t: v.to(torch.int64) for t, v in x16.items()}
+    with pytest.raises(ValueError, match="int64, which reach the encoder as integers.*give them as floats or uint8"):
+        MOMAMerger(pre, experts, heads, n_steps=1).fit(x64)
+    with pytest.raises(ValueError, match="int64, which reach the encoder as integers"):
+        TaskArithmetic(pre, experts, heads).fit().score({t: (x64[t], y) for t, (_, y) in data.items()})
+
+
+@pytest.mark.filterwarnings("ignore:.*spectral_norm.*:FutureWarning")
+def test_spectral_normalised_heads_become_plain_heads_that_load_a_plain_state_dict():
+    torch.manual_seed(0)
+    pre = nn.Sequential(nn.Linear(6, 5), nn.Tanh())
+    experts = _experts(pre, scale=0.3)
+    legacy = {t: nn.utils.spectral_norm(nn.Linear(5, 3)) for t in experts}
+    modern = {t: nn.utils.parametrizations.spectral_norm(nn.Linear(5, 3)) for t in experts}  # in train mode
+    x = {t: torch.randn(8, 6) for t in experts}
+    for heads in (legacy, modern):
+        expected = {t: h.eval()(torch.ones(2, 5)).detach() for t, h in heads.items()}
+        for h in heads.values():
+            h.train()
+        model = MOMAMerger(pre, experts, heads, n_steps=0, learn_mask=False).fit(x).transform()
+        model.load_state_dict(dict(model.state_dict()))  # no spectral-norm entries or hooks left over
+        for t in heads:
+            torch.testing.assert_close(model.heads[t](torch.ones(2, 5)), expected[t])
+            torch.testing.assert_close(heads[t].eval()(torch.ones(2, 5)), expected[t])  # the user's head as it was
