@@ -7,7 +7,6 @@ modifies its inputs.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import numbers
 import os
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from .data import index_input_hint, task_keyed
-from .merging.functional import encode, first_linear_weight, rotation_mismatch
+from .merging.functional import encode, first_linear_weight, plain_head, rotation_mismatch
 
 BASES = ("task_arithmetic", "ties")
 OBJECTIVE_NAMES = ("kl", "feature", "entropy")
@@ -174,56 +173,7 @@ def check_heads_dict(value) -> dict:
     to rotate: it is replaced by a copy holding its effective weights as plain parameters (the same
     function; the user's head is not modified).
     """
-    return {t: _unparametrized(h) for t, h in check_task_dict(value, "heads").items()}
-
-
-def _weight_hooks(module: nn.Module) -> dict:
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    return {k: h for k, h in module._forward_pre_hooks.items() if isinstance(h, (WeightNorm, SpectralNorm))}
-
-
-def _unparametrized(head: nn.Module) -> nn.Module:
-    from torch.nn.utils import parametrize
-
-    mods = [m for m in head.modules() if parametrize.is_parametrized(m) or _weight_hooks(m)]
-    if not mods:
-        return head
-    # the older hooks keep the computed weight as a plain (non-leaf) attribute, which deepcopy refuses
-    memo = {
-        id(m.__dict__[h.name]): m.__dict__[h.name].detach().clone() for m in mods for h in _weight_hooks(m).values()
-    }
-    plain = copy.deepcopy(head, memo)
-    training = {m: m.training for m in plain.modules()}
-    plain.eval()  # the weights as the head computes them in eval (no spectral-norm power iteration)
-    with torch.no_grad():
-        for m in plain.modules():
-            if parametrize.is_parametrized(m):
-                # not parametrize.remove_parametrizations: it edits the parametrized class, which the
-                # user's head shares with this copy
-                values = {
-                    name: (getattr(m, name).detach().clone(), any(p.requires_grad for p in chain.parameters()))
-                    for name, chain in m.parametrizations.items()
-                }
-                del m._modules["parametrizations"]
-                m.__class__ = m.__class__.__bases__[0]
-                for name, (value, grad) in values.items():
-                    m.register_parameter(name, nn.Parameter(value, requires_grad=grad))
-            for hook in _weight_hooks(m).values():  # torch's removers drop their state-dict hooks too
-                remove = (
-                    nn.utils.remove_weight_norm
-                    if type(hook).__name__ == "WeightNorm"
-                    else nn.utils.remove_spectral_norm
-                )
-                remove(m, hook.name)
-            for key, pre_hook in list(m._load_state_dict_pre_hooks.items()):
-                # torch's remove_spectral_norm misses its own load pre-hook (registered wrapped)
-                if type(getattr(pre_hook, "hook", pre_hook)).__name__ == "SpectralNormLoadStateDictPreHook":
-                    del m._load_state_dict_pre_hooks[key]
-    for m, flag in training.items():
-        m.training = flag
-    return plain
+    return {t: plain_head(h) for t, h in check_task_dict(value, "heads").items()}
 
 
 def encoder_dtype(module: nn.Module, state: dict | None = None):

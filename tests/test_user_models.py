@@ -283,3 +283,18 @@ def test_spectral_normalised_heads_become_plain_heads_that_load_a_plain_state_di
         for t in heads:
             torch.testing.assert_close(model.heads[t](torch.ones(2, 5)), expected[t])
             torch.testing.assert_close(heads[t].eval()(torch.ones(2, 5)), expected[t])  # the user's head as it was
+
+
+def test_the_public_rotation_helpers_take_parametrized_heads():
+    from momaestimator.merging import absorb_heads, plain_head, rotation_mismatch
+
+    head = nn.utils.parametrizations.weight_norm(nn.Linear(8, 3))
+    before = module_fingerprint(head)
+    assert rotation_mismatch(head) < 1e-12
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+    z = torch.randn(4, 8)
+    torch.testing.assert_close(absorb_heads({"a": head}, {"a": q})["a"](z), head(z @ q.T))
+    assert sorted(plain_head(head).state_dict()) == ["bias", "weight"] and plain_head(head) is not head
+    plain = nn.Linear(8, 3)
+    assert plain_head(plain) is plain
+    assert module_fingerprint(head) == before and type(head).__name__ == "ParametrizedLinear"

@@ -17,7 +17,14 @@ from .fit import (
     task_groups,
     teacher_targets,
 )
-from .functional import absorb_heads, clone_with_state, first_linear_weight, rotation_mismatch, structure_copy
+from .functional import (
+    absorb_heads,
+    clone_with_state,
+    first_linear_weight,
+    plain_head,
+    rotation_mismatch,
+    structure_copy,
+)
 from .mask import GlobalMask, masked_merge, merge_entry, score_gradient
 from .objectives import entropy, feature_alignment, kl_to_teacher
 from .rotation import Rotations, expm, rotation_angles
@@ -39,6 +46,7 @@ __all__ = [
     "feature_alignment",
     "find_blocks",
     "first_linear_weight",
+    "plain_head",
     "fit_moma",
     "kl_to_teacher",
     "masked_merge",

@@ -23,6 +23,7 @@ __all__ = [
     "clone_with_state",
     "encode",
     "first_linear_weight",
+    "plain_head",
     "rotation_mismatch",
     "structure_copy",
     "with_autograd",
@@ -221,6 +222,75 @@ def first_linear_weight(head: nn.Module, *, name: str = "head") -> str:
     )
 
 
+def _weight_hooks(module: nn.Module) -> dict:
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return {k: h for k, h in module._forward_pre_hooks.items() if isinstance(h, (WeightNorm, SpectralNorm))}
+
+
+def plain_head(head: nn.Module) -> nn.Module:
+    """``head``, or, if a parametrization computes any of its weights (``weight_norm``,
+    ``spectral_norm``, new-style or the older hooks), a copy holding its effective (eval-mode)
+    weights as plain parameters: the same function, with a ``weight`` entry to rotate. The user's
+    head is not modified.
+
+    Parameters
+    ----------
+    head : torch.nn.Module
+
+    Returns
+    -------
+    torch.nn.Module
+
+    Examples
+    --------
+    >>> import torch
+    >>> head = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 3))
+    >>> sorted(plain_head(head).state_dict())
+    ['bias', 'weight']
+    """
+    from torch.nn.utils import parametrize
+
+    mods = [m for m in head.modules() if parametrize.is_parametrized(m) or _weight_hooks(m)]
+    if not mods:
+        return head
+    # the older hooks keep the computed weight as a plain (non-leaf) attribute, which deepcopy refuses
+    memo = {
+        id(m.__dict__[h.name]): m.__dict__[h.name].detach().clone() for m in mods for h in _weight_hooks(m).values()
+    }
+    plain = copy.deepcopy(head, memo)
+    training = {m: m.training for m in plain.modules()}
+    plain.eval()  # the weights as the head computes them in eval (no spectral-norm power iteration)
+    with torch.no_grad():
+        for m in plain.modules():
+            if parametrize.is_parametrized(m):
+                # not parametrize.remove_parametrizations: it edits the parametrized class, which the
+                # user's head shares with this copy
+                values = {
+                    name: (getattr(m, name).detach().clone(), any(p.requires_grad for p in chain.parameters()))
+                    for name, chain in m.parametrizations.items()
+                }
+                del m._modules["parametrizations"]
+                m.__class__ = m.__class__.__bases__[0]
+                for name, (value, grad) in values.items():
+                    m.register_parameter(name, nn.Parameter(value, requires_grad=grad))
+            for hook in _weight_hooks(m).values():  # torch's removers drop their state-dict hooks too
+                remove = (
+                    nn.utils.remove_weight_norm
+                    if type(hook).__name__ == "WeightNorm"
+                    else nn.utils.remove_spectral_norm
+                )
+                remove(m, hook.name)
+            for key, pre_hook in list(m._load_state_dict_pre_hooks.items()):
+                # torch's remove_spectral_norm misses its own load pre-hook (registered wrapped)
+                if type(getattr(pre_hook, "hook", pre_hook)).__name__ == "SpectralNormLoadStateDictPreHook":
+                    del m._load_state_dict_pre_hooks[key]
+    for m, flag in training.items():
+        m.training = flag
+    return plain
+
+
 @torch.no_grad()
 def rotation_mismatch(head: nn.Module, *, n_samples: int = 8, seed: int = 0) -> float:
     """How far a head is from absorbing rotations: ``head(z Qᵀ)`` against the head with ``W ← W Q``.
@@ -257,6 +327,7 @@ def rotation_mismatch(head: nn.Module, *, n_samples: int = 8, seed: int = 0) -> 
     >>> rotation_mismatch(Centred(4, 3)) > 1e-3
     True
     """
+    head = plain_head(head)
     wname = first_linear_weight(head)
     state, seen = {}, set()
     for k, v in head.state_dict(keep_vars=True).items():  # float64: on the CPU
@@ -301,6 +372,7 @@ def absorb_heads(heads: dict, rotations: dict) -> dict[str, nn.Module]:
     """
     out = {}
     for task, head in heads.items():
+        head = plain_head(head)
         wname = first_linear_weight(head, name=f"heads[{task!r}]")
         state = {k: v.detach() for k, v in head.state_dict(keep_vars=True).items()}
         w = state[wname]
