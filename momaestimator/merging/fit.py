@@ -27,6 +27,7 @@ from .functional import encode, private_buffers, structure_copy
 from .mask import GlobalMask, masked_merge, score_gradient
 from .objectives import OBJECTIVES
 from .rotation import Rotations, orthogonal_procrustes
+from .task_vectors import as_state_dict
 
 __all__ = [
     "FitConfig",
@@ -208,12 +209,9 @@ class HeadSpec:
         """The spec of ``head`` on ``device``; its tensors are detached (an inference-mode tensor,
         which autograd could not save, is copied) and never written to.
         """
-        state, seen = {}, set()
-        for k, v in head.state_dict(keep_vars=True).items():
-            if id(v) in seen:  # a tensor the head uses twice: one entry, under its first name
-                continue
-            seen.add(id(v))
-            v = v.detach().to(device)
+        state = {}
+        for k, v in as_state_dict(head).items():  # a tensor used twice: one entry, under its first name
+            v = v.to(device)
             state[k] = v.clone() if v.is_inference() else v
         return cls(skeleton=structure_copy(head, device=device), state=state)
 

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .task_vectors import as_state_dict
+
 _CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
 
 __all__ = [
@@ -329,12 +331,8 @@ def rotation_mismatch(head: nn.Module, *, n_samples: int = 8, seed: int = 0) -> 
     """
     head = plain_head(head)
     wname = first_linear_weight(head)
-    state, seen = {}, set()
-    for k, v in head.state_dict(keep_vars=True).items():  # float64: on the CPU
-        if id(v) not in seen:  # a tensor used twice (tied) is one entry, under its first name
-            seen.add(id(v))
-            state[k] = v.detach().cpu()
-    state = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+    # a tensor used twice (tied) is one entry, under its first name; float64: on the CPU
+    state = {k: v.cpu().double() if v.is_floating_point() else v.cpu() for k, v in as_state_dict(head).items()}
     skeleton = structure_copy(head, device="cpu").double()
     gen = torch.Generator().manual_seed(seed)
     dim = state[wname].shape[1]
