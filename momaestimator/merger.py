@@ -201,7 +201,9 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         the children of an ``nn.ModuleList``/``nn.Sequential`` of one class, such as open_clip's
         ``transformer.resblocks``; a class or tuple of classes names the blocks. It lets larger
         passes (``task_batching``, ``micro_batch_size``) or larger encoders fit; see the scaling
-        guide. The user's encoder is not modified (the fit patches its own weightless copy).
+        guide (on an H100, ``task_batching=4`` with it stepped ViT-B/32 at batch 16 faster than the
+        default and with less memory). The user's encoder is not modified (the fit patches its own
+        weightless copy).
     recompute_merged_weights : bool, default=False
         Do not keep a merged copy of the encoder for the whole fit: each block (those of
         ``gradient_checkpointing``, else the repeated blocks) computes its merged weights
