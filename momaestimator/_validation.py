@@ -294,15 +294,40 @@ def check_precision(precision, state: dict) -> None:
         )
 
 
-def check_sample_shapes(x: dict, tasks) -> None:
-    """Raise ``ValueError`` unless every task's samples have the first task's shape (one encoder takes them)."""
+def check_sample_shapes(x: dict, tasks, *, one_task_per_pass=None) -> None:
+    """Raise ``ValueError`` unless every task's samples have the first task's shape (one encoder takes them).
+
+    ``one_task_per_pass=True`` (a merger with ``task_batching="sequential"``): tasks may differ, no
+    pass mixes two tasks' samples, and whether the encoder takes each shape is checked by running
+    it. ``False``: a merger whose passes hold several tasks (the error says how to avoid that);
+    ``None``: an estimator without that choice.
+    """
+    if one_task_per_pass:
+        return
     ref = tasks[0]
+    hint = " (task_batching='sequential' runs one task per pass)" if one_task_per_pass is False else ""
     for t in tasks[1:]:
         if x[t].shape[1:] != x[ref].shape[1:]:
             raise ValueError(
                 f"X[{t!r}] has samples of shape {tuple(x[t].shape[1:])}, X[{ref!r}] of shape "
-                f"{tuple(x[ref].shape[1:])}: every task's inputs must fit the one encoder"
+                f"{tuple(x[ref].shape[1:])}: every task's inputs must fit the one encoder, and a pass "
+                f"holding several tasks concatenates them{hint}"
             )
+
+
+def feature_dims(skeleton, state: dict, x: dict, tasks, autocast_dtype=None) -> int:
+    """The encoder's number of output features, the same for every task's input shape (one forward per shape)."""
+    by_shape = {}
+    for t in tasks:
+        by_shape.setdefault((tuple(x[t].shape[1:]), x[t].dtype), t)
+    dims = {t: feature_dim(skeleton, state, x[t], autocast_dtype) for t in by_shape.values()}
+    if len(set(dims.values())) > 1:
+        raise ValueError(
+            "the encoder outputs a different number of features for different tasks' inputs "
+            f"({', '.join(f'{d} for X[{t!r}] of shape {tuple(x[t].shape[1:])}' for t, d in dims.items())}): "
+            "every task's features must have one size (the heads take them and the rotations act on them)"
+        )
+    return next(iter(dims.values()))
 
 
 def feature_dim(skeleton, state: dict, x: torch.Tensor, autocast_dtype=None) -> int:

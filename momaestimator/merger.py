@@ -187,6 +187,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         ``k`` tasks per pass. Gradients accumulate over the passes of a step, so every choice
         takes the same step up to float rounding; several passes keep the activations of one
         pass only, at the price of one encoder-sized gradient buffer (see the scaling guide).
+        With one task per pass (``"sequential"`` or ``1``) tasks' inputs may differ in shape.
     micro_batch_size : int or None, default=None
         At most this many samples per forward/backward pass: each pass's batches are cut into
         micro-batches whose gradients accumulate (each weighted by its share of its task's batch,
@@ -422,7 +423,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
                 UserWarning,
                 stacklevel=4,  # through the with_autograd wrapper to the caller of fit
             )
-        V.check_sample_shapes(x, tasks)
+        V.check_sample_shapes(x, tasks, one_task_per_pass=self.task_batching in ("sequential", 1))
         return x
 
     # ------------------------------------------------------------------ fit
@@ -453,7 +454,7 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         skeleton = structure_copy(self.pretrained_encoder, device=device)
         theta0 = {k: v.to(device) for k, v in pre_state.items()}
         autocast = V.PRECISIONS[self.precision]
-        feature_dim = V.feature_dim(skeleton, theta0, x_all[tasks[0]], autocast)
+        feature_dim = V.feature_dims(skeleton, theta0, x_all, tasks, autocast)
         V.check_heads(heads, feature_dim, dtype, rotations=self.learn_rotations)
         head_specs = {t: HeadSpec.of(heads[t], device) for t in tasks}
 

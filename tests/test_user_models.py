@@ -298,3 +298,78 @@ def test_the_public_rotation_helpers_take_parametrized_heads():
     plain = nn.Linear(8, 3)
     assert plain_head(plain) is plain
     assert module_fingerprint(head) == before and type(head).__name__ == "ParametrizedLinear"
+
+
+class PoolingCNN(nn.Module):
+    """A convolutional encoder with global pooling: takes images of any size, always 5 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.proj = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.proj(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _two_sizes(n=12):
+    gen = torch.Generator().manual_seed(0)
+    return {"t0": torch.randn(n, 3, 8, 8, generator=gen), "t1": torch.randn(n, 3, 12, 12, generator=gen)}
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},  # the default, task_batching="sequential"
+        {"task_batching": 1, "micro_batch_size": 5},  # one task per pass, cut: never mixes tasks
+        {"validation_fraction": 0.25, "rotation_init": "procrustes"},  # held-out loss and start, per task
+    ],
+)
+def test_tasks_whose_inputs_differ_in_shape_fit_one_task_per_pass(kw):
+    torch.manual_seed(0)
+    pre = PoolingCNN()
+    experts = _experts(pre, scale=0.2)
+    heads = _heads(experts)
+    X = _two_sizes()
+    before = [module_fingerprint(m) for m in (pre, *experts.values(), *heads.values())]
+    m = MOMAMerger(pre, experts, heads, n_steps=30, sparsity=0.2, rotation_lr=0.01, random_state=0, **kw).fit(X)
+    assert [module_fingerprint(m) for m in (pre, *experts.values(), *heads.values())] == before
+    losses = [h["loss"] for h in m.history_]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    model = m.transform()
+    with torch.no_grad():
+        for t, x in X.items():  # each task's own inputs, each size
+            assert model(x, t).shape == (len(x), 3)
+            y = heads[t](experts[t](x)).argmax(1)  # the expert's labels
+            assert 0.0 <= m.score({t: (x, y)}) <= 1.0
+
+
+@pytest.mark.parametrize("batching", ["joint", 2])
+def test_tasks_whose_inputs_differ_in_shape_are_refused_when_a_pass_would_mix_them(batching):
+    pre = PoolingCNN()
+    experts = _experts(pre)
+    m = MOMAMerger(pre, experts, _heads(experts), n_steps=2, task_batching=batching)
+    with pytest.raises(ValueError, match=r"X\['t1'\] has samples of shape \(3, 12, 12\).*task_batching='sequential'"):
+        m.fit(_two_sizes())
+
+
+def test_an_encoder_whose_feature_size_depends_on_the_input_shape_is_refused_before_any_expert_runs():
+    class SizeDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 1, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).flatten(1)[:, : x.shape[-1] * 2]  # 16 features at 8x8, 24 at 12x12
+
+    pre = SizeDependent()
+    experts = _experts(pre)
+    calls = []
+    for e in experts.values():
+        e.register_forward_hook(lambda *a: calls.append(1))
+    heads = {t: nn.Linear(16, 3) for t in experts}
+    with pytest.raises(
+        ValueError, match=r"different number of features for different tasks' inputs \(16 for X\['t0'\]"
+    ):
+        MOMAMerger(pre, experts, heads, n_steps=2).fit(_two_sizes())
+    assert not calls
