@@ -1364,3 +1364,49 @@ def test_sparse_and_other_honest_tensors_still_load(tmp_path):
     torch.save(dense_only, path)
     loaded = load_legacy_pickle(path)  # the restricted unpickler (release pickles hold no sparse tensors)
     assert all(torch.equal(loaded[k], v) for k, v in dense_only.items())
+
+
+@pytest.mark.parametrize("prefixes", [("teacher.visual.", "student.visual."), ("model.visual.", "model_ema.visual.")])
+def test_a_checkpoint_holding_two_whole_towers_is_refused_instead_of_merging_the_first(prefixes, tmp_path):
+    from momaestimator import MOMAMerger
+    from momaestimator.checkpoints.openclip import matching_state
+
+    clip = _tiny_clip()
+    state = clip.visual.state_dict()
+    two = {f"{p}{k}": v + i for i, p in enumerate(prefixes) for k, v in state.items()}
+    with pytest.raises(CheckpointError, match="whole tower under several prefixes") as err:
+        matching_state(two, state)
+    assert all(repr(p) in str(err.value) for p in prefixes)
+    path = tmp_path / "two.pt"
+    torch.save(two, path)
+    heads = {"a": nn.Linear(clip.visual.output_dim, 2)}
+    with pytest.raises(CheckpointError, match="several prefixes"):
+        MOMAMerger(clip.visual, {"a": path}, heads, n_steps=1).fit({"a": torch.randn(4, 3, 32, 32)})
+    one = {k: v for k, v in two.items() if k.startswith(prefixes[1])}  # one tower: read as before
+    assert all(torch.equal(matching_state(one, state)[k], state[k] + 1) for k in state)
+
+
+def test_a_legacy_file_with_a_damaged_magic_number_is_reported_as_corrupt(tmp_path):
+    path = tmp_path / "zeroshot.pt"
+    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    raw = bytearray(path.read_bytes())
+    magic = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]  # the pickled integer opcode
+    at = raw.index(magic)
+    raw[at + len(magic) - 1] ^= 0x01  # one bit of the magic number
+    path.write_bytes(bytes(raw))
+    with pytest.raises(RuntimeError, match="Invalid magic number"):
+        torch.load(path, weights_only=False)
+    for loader in (read_checkpoint, load_legacy_pickle):
+        with pytest.raises(CorruptCheckpointError, match="magic number is wrong"):
+            loader(path)
+
+
+def test_a_merger_takes_expert_paths_starting_with_a_tilde(tmp_path, monkeypatch):
+    from momaestimator import MOMAMerger
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    clip = _tiny_clip()
+    torch.save(clip.visual.state_dict(), tmp_path / "ft.pt")
+    heads = {"a": nn.Linear(clip.visual.output_dim, 2)}
+    m = MOMAMerger(clip.visual, {"a": "~/ft.pt"}, heads, n_steps=1).fit({"a": torch.randn(4, 3, 32, 32)})
+    assert m.n_iter_ == 1

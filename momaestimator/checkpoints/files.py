@@ -268,6 +268,11 @@ def load_legacy_pickle(path):
             return torch_load_restricted(path)
         with open(path, "rb") as f:
             first = RestrictedUnpickler(f, encoding="utf-8").load()
+            more = bool(f.read(1))
+        if type(first) is int and first != torch.serialization.MAGIC_NUMBER and more:
+            # an integer followed by more pickles is the legacy format's header with a damaged magic
+            # number (torch.load: "Invalid magic number; corrupt file?"), not a checkpoint
+            raise _corrupt(path, "starts like a legacy torch.save file, but its magic number is wrong")
         # torch.save's pre-1.6 format starts with a pickled magic number, then the object;
         # anything else is a plain pickle.dump whose first object is the whole content.
         if isinstance(first, int) and first == torch.serialization.MAGIC_NUMBER:

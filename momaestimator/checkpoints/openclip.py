@@ -316,8 +316,28 @@ def matching_state(checkpoint, reference: Mapping) -> dict:
     ['bias', 'weight']
     """
     state, _, _ = checkpoint_state(checkpoint)
-    prefix = _split_prefix(state, {k: tuple(v.shape) for k, v in reference.items()})
+    expected = {k: tuple(v.shape) for k, v in reference.items()}
+    whole = _whole_towers(state, expected)
+    if len(whole) > 1:  # two towers (a teacher and a student, a model and its EMA): never guess
+        raise CheckpointError(
+            f"the checkpoint holds the whole tower under several prefixes ({', '.join(repr(p) for p in whole)}): "
+            "pick one and pass its state dict, e.g. {k[len(prefix):]: v for k, v in state.items() "
+            "if k.startswith(prefix)}"
+        )
+    prefix = _split_prefix(state, expected)
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _whole_towers(state: Mapping, expected: Mapping[str, tuple]) -> list[str]:
+    """The key prefixes under which ``state`` holds every expected entry with its shape."""
+    found: dict[str, set] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        for i in range(len(parts)):
+            rest = ".".join(parts[i:])
+            if rest in expected and tuple(getattr(value, "shape", ())) == expected[rest]:
+                found.setdefault(".".join(parts[:i]) + ("." if i else ""), set()).add(rest)
+    return sorted(p for p, names in found.items() if len(names) == len(expected))
 
 
 def load_open_clip_encoder(model, checkpoint, *, quick_gelu=None, strict=True) -> nn.Module:
