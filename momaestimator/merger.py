@@ -384,8 +384,13 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
             V.check_number(self.verbose, "verbose", low=0, integer=True)
         return V.resolve_device(self.device)
 
-    def _check_models(self, *, values=True):
-        """Validated ``(tasks, pretrained state, {task: ft source}, {task: head})``."""
+    def _check_models(self, *, values=True, experts=True):
+        """Validated ``(tasks, pretrained state, {task: ft source}, {task: head})``.
+
+        ``experts=False`` checks the experts given as modules or state dicts and leaves those given as
+        checkpoint paths or loaders to :meth:`_check_experts` (fit checks the data and the heads
+        first: reading checkpoints is the slow part).
+        """
         if self.pretrained_encoder is None or not isinstance(self.pretrained_encoder, torch.nn.Module):
             raise TypeError(
                 f"pretrained_encoder must be a torch.nn.Module, got {type(self.pretrained_encoder).__name__}"
@@ -397,7 +402,14 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         V.check_precision(self.precision, pre_state)
         if values:  # a full pass over every weight: once per fit, not again in transform/score
             V.check_state(pre_state, "pretrained_encoder")
+        self._check_experts(fts, pre_state, values=values, lazy=experts)
+        return tasks, pre_state, fts, heads
+
+    def _check_experts(self, fts, pre_state, *, values=True, lazy=True, eager=True):
+        """Check the experts given in memory (``eager``) and those read from checkpoints or loaders (``lazy``)."""
         for task, src in fts.items():
+            if not (lazy if _is_lazy(src) else eager):
+                continue
             if isinstance(src, torch.nn.Module) and type(src) is not type(self.pretrained_encoder):
                 raise ValueError(
                     f"finetuned_encoders[{task!r}] is a {type(src).__name__}, the pretrained encoder a "
@@ -406,7 +418,6 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
             if _is_lazy(src) and not values:
                 continue  # checkpoints and loaders are read (and checked) by fit, not re-read here
             V.check_encoder_states(pre_state, self._expert(src, task, pre_state), task, values=values)
-        return tasks, pre_state, fts, heads
 
     def _check_fit_data(self, X, tasks, device, dtype):
         sources, _ = split_inputs_and_labels(X, None)
@@ -445,8 +456,10 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         self._reset_fitted()
         device = self._check_params()
         checkpointing = self._checked_checkpointing()
-        tasks, pre_state, fts, heads = self._check_models()
+        # cheap checks first: models' structure, heads, data; reading the experts comes last
+        tasks, pre_state, fts, heads = self._check_models(experts=False)
         dtype = V.encoder_dtype(self.pretrained_encoder, pre_state) or torch.float32
+        V.check_heads(heads, None, dtype, rotations=self.learn_rotations)
         x_all = self._check_fit_data(X, tasks, device, dtype)
 
         rng = check_random_state(self.random_state)
@@ -455,7 +468,8 @@ class MOMAMerger(ModuleSummaryReprMixin, BaseEstimator):
         theta0 = {k: v.to(device) for k, v in pre_state.items()}
         autocast = V.PRECISIONS[self.precision]
         feature_dim = V.feature_dims(skeleton, theta0, x_all, tasks, autocast)
-        V.check_heads(heads, feature_dim, dtype, rotations=self.learn_rotations)
+        V.check_heads(heads, feature_dim, rotations=False)  # their input size, now that it is known
+        self._check_experts(fts, pre_state, eager=False)  # the checkpoints and loaders
         head_specs = {t: HeadSpec.of(heads[t], device) for t in tasks}
 
         x_train, x_val = self._holdout(x_all, generator)

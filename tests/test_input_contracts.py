@@ -425,3 +425,57 @@ def test_a_whole_training_set_as_fit_input_gets_a_warning(problem, unlabeled):
     big = {t: x[:1].expand(10_001, *x.shape[1:]) for t, x in unlabeled.items()}
     with pytest.warns(UserWarning, match=r"fit read every fit input of task\(s\) \{'task0': 10001"):
         MOMAMerger(pre, experts, heads, n_steps=1, random_state=0).fit(big)
+
+
+def _counting_loaders(experts, calls):
+    def loader(m):
+        def load():
+            calls.append(1)
+            return m
+
+        return load
+
+    return {t: loader(m) for t, m in experts.items()}
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ("missing task", "task"),
+        ("wrong channels", "cannot take inputs of shape"),
+        ("head width", "expects 3 input features"),
+    ],
+)
+def test_fit_checks_data_and_heads_before_reading_any_expert_checkpoint(problem, unlabeled, bad, match):
+    pre, experts, heads, _ = problem
+    calls = []
+    X = dict(unlabeled)
+    heads = dict(heads)
+    t0 = next(iter(X))
+    if bad == "missing task":
+        del X[t0]
+    elif bad == "wrong channels":
+        X[t0] = X[t0][:, :1]  # one channel of three
+    else:
+        heads[t0] = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=match):
+        MOMAMerger(pre, _counting_loaders(experts, calls), heads, n_steps=1).fit(X)
+    assert calls == []  # no checkpoint was read
+
+
+def test_fit_checks_the_heads_before_reading_the_fit_data(problem, unlabeled):
+    pre, experts, heads, _ = problem
+    heads = {t: copy.deepcopy(h) for t, h in heads.items()}
+    t0 = next(iter(heads))
+    with torch.no_grad():
+        next(heads[t0].parameters()).fill_(float("nan"))
+    read = []
+
+    def batches(x):
+        for i in range(0, len(x), 4):
+            read.append(i)
+            yield x[i : i + 4]
+
+    with pytest.raises(ValueError, match="NaN|non-finite|finite"):
+        MOMAMerger(pre, experts, heads, n_steps=1).fit({t: batches(x) for t, x in unlabeled.items()})
+    assert read == []
