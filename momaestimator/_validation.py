@@ -145,7 +145,7 @@ def check_task_dict(value, name, *, allow_lazy=False) -> dict:
         if allow_lazy and isinstance(m, Mapping):
             continue
         if allow_lazy and isinstance(m, (str, os.PathLike)):
-            if not os.path.isfile(m):
+            if not os.path.isfile(os.path.expanduser(m)):
                 raise ValueError(f"{name}[{task!r}] is the path {str(m)!r}, which is not an existing file")
             continue
         if allow_lazy and is_loader(m):
@@ -157,10 +157,16 @@ def check_task_dict(value, name, *, allow_lazy=False) -> dict:
         )
         hint = ""
         if not allow_lazy and (isinstance(m, (Mapping, str, os.PathLike)) or is_loader(m)):
-            hint = (
-                "; only MOMAMerger reads state dicts, checkpoint paths and loaders: load the models first, "
-                "e.g. with momaestimator.checkpoints.load_open_clip_encoder"
-            )
+            if name == "heads":
+                hint = (
+                    "; heads are read as modules: load a head file first, e.g. with "
+                    "momaestimator.checkpoints.head_from_checkpoint(momaestimator.checkpoints.read_checkpoint(path))"
+                )
+            else:
+                hint = (
+                    "; only MOMAMerger's finetuned_encoders take state dicts, checkpoint paths and loaders: "
+                    "load the models first, e.g. with momaestimator.checkpoints.load_open_clip_encoder"
+                )
         raise TypeError(f"{name}[{task!r}] must be {what}, got {type(m).__name__}{hint}")
     return out
 

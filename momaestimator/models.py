@@ -97,7 +97,8 @@ class MergedModel(nn.Module):
     encoder : torch.nn.Module
         The merged encoder (an instance of the user's encoder class).
     heads : dict of str to torch.nn.Module
-        One head per task.
+        One head per task. Wrapped, not copied (as ``nn.Sequential`` does): loading a state dict
+        into the model writes into these modules, so pass copies of heads you still need as they are.
 
     Examples
     --------

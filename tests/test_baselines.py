@@ -349,5 +349,16 @@ def test_every_method_reports_extra_params_and_baselines_say_what_they_take(prob
         paths[t] = tmp_path / f"{t}.pt"
         torch.save(m.state_dict(), paths[t])
     MOMAMerger(pre, paths, heads, n_steps=1).fit(unlabeled)  # MOMAMerger reads paths
-    with pytest.raises(TypeError, match=r"\['task0'\] must be a torch.nn.Module, got PosixPath; only MOMAMerger reads"):
+    with pytest.raises(
+        TypeError,
+        match=r"\['task0'\] must be a torch.nn.Module, got PosixPath; only MOMAMerger's finetuned_encoders take",
+    ):
         TaskArithmetic(pre, paths, heads).fit()
+
+
+def test_a_head_given_as_a_path_is_refused_with_the_head_loader_as_the_hint(problem, tmp_path):
+    pre, experts, heads, _ = problem
+    path = tmp_path / "head.pt"
+    torch.save(heads["task0"].state_dict(), path)
+    with pytest.raises(TypeError, match=r"heads\['task0'\] must be a torch.nn.Module.*head_from_checkpoint"):
+        MOMAMerger(pre, experts, {**heads, "task0": path}, n_steps=1).fit({})
