@@ -177,15 +177,36 @@ class TaskSamples:
     """
 
     def __init__(self, storage, labels=None, task_ids=None, sample_ids=None):
+        if not isinstance(storage, Mapping):
+            raise TypeError(f"storage must be a dict {{task: samples}}, got {type(storage).__name__}")
+        if labels is not None and not isinstance(labels, Mapping):
+            raise TypeError(f"labels must be a dict {{task: labels}} or None, got {type(labels).__name__}")
         self._storage = task_keyed(storage, "storage")
         self._labels = task_keyed(labels or {}, "labels")
         self.tasks = list(self._storage)
+        sizes = [len(self._storage[t]) for t in self.tasks]
+        for t, lab in self._labels.items():
+            if t not in self._storage:
+                raise ValueError(f"labels name task {t!r}, which storage does not hold (tasks: {self.tasks})")
+            if len(lab) != len(self._storage[t]):
+                raise ValueError(
+                    f"labels[{t!r}] has {len(lab)} entries for {len(self._storage[t])} samples: one label per sample"
+                )
+        if (task_ids is None) != (sample_ids is None):
+            raise ValueError("give task_ids and sample_ids together (or neither, for every sample)")
         if task_ids is None:
-            sizes = [len(self._storage[t]) for t in self.tasks]
             task_ids = np.repeat(np.arange(len(self.tasks)), sizes)
             sample_ids = np.concatenate([np.arange(n) for n in sizes]) if sizes else np.zeros(0, int)
-        self.task_ids = np.asarray(task_ids, dtype=np.int64)
-        self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        self.task_ids = np.asarray(task_ids, dtype=np.int64).reshape(-1)
+        self.sample_ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        if len(self.task_ids) != len(self.sample_ids):
+            raise ValueError(f"task_ids has {len(self.task_ids)} entries, sample_ids {len(self.sample_ids)}")
+        if len(self.task_ids) and (self.task_ids.min() < 0 or self.task_ids.max() >= len(self.tasks)):
+            raise ValueError(f"task_ids must lie in [0, {len(self.tasks)}) (positions in {self.tasks})")
+        if len(self.sample_ids):
+            limits = np.asarray(sizes, dtype=np.int64)[self.task_ids]
+            if (self.sample_ids < 0).any() or (self.sample_ids >= limits).any():
+                raise ValueError("sample_ids must index each task's samples (0 <= id < that task's sample count)")
 
     @classmethod
     def from_datasets(cls, datasets):

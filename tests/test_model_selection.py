@@ -346,3 +346,23 @@ def test_every_prefix_of_a_training_part_holds_every_task_in_proportion(samples,
         train_sizes=[0.25, 1.0],
     )
     assert not np.isnan(test_scores).any() and sizes.tolist() == [12, 48]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(storage=[torch.zeros(2, 1)]), TypeError, "storage must be a dict"),
+        (dict(labels={"a": torch.zeros(3)}), ValueError, r"labels\['a'\] has 3 entries for 2 samples"),
+        (dict(labels={"c": torch.zeros(2)}), ValueError, "labels name task 'c'"),
+        (dict(task_ids=[0, 1]), ValueError, "task_ids and sample_ids together"),
+        (dict(task_ids=[0, 1], sample_ids=[0]), ValueError, "task_ids has 2 entries, sample_ids 1"),
+        (dict(task_ids=[0, 2], sample_ids=[0, 0]), ValueError, r"task_ids must lie in \[0, 2\)"),
+        (dict(task_ids=[0, 1], sample_ids=[0, 3]), ValueError, "sample_ids must index"),
+    ],
+)
+def test_task_samples_refuses_inconsistent_parts_instead_of_misaligning_labels(kwargs, error, match):
+    from momaestimator import TaskSamples
+
+    parts = dict(storage={"a": torch.zeros(2, 1), "b": torch.ones(3, 1)}) | kwargs
+    with pytest.raises(error, match=match):
+        TaskSamples(**parts)
