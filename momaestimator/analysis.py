@@ -161,11 +161,16 @@ def misalignment_report(
     fit_data = _inputs(X, tasks)
     eval_data = _inputs(X_eval, tasks) if X_eval is not None else fit_data
     pre = as_state_dict(pretrained_encoder, name="pretrained_encoder")
-    tau = multitask_vector(pre, fts, base=base, top_k=top_k)
-    theta = merged_state(pre, tau, None, scaling)
+    V.check_state(pre, "pretrained_encoder")
+    for t in tasks:  # the same architecture, finite weights: before any forward pass
+        V.check_encoder_states(pre, as_state_dict(fts[t]), t)
     device = next(iter(pre.values())).device  # where the user's models are (a GPU too)
     skeleton = structure_copy(pretrained_encoder, device=device)
     dtype = V.encoder_dtype(pretrained_encoder, pre) or torch.float32
+    x0 = model_inputs(fit_data[tasks[0]][0][:1], dtype=dtype, device=device)
+    V.check_heads(heads, V.feature_dim(skeleton, pre, x0), dtype, rotations=False)
+    tau = multitask_vector(pre, fts, base=base, top_k=top_k)
+    theta = merged_state(pre, tau, None, scaling)
     rows = []
     with torch.no_grad():
         for t in tasks:

@@ -106,3 +106,19 @@ def test_report_parameters_are_checked(problem):
         misalignment_report(pre, experts, heads, data, n_neighbors=0)
     with pytest.raises(ValueError, match="scaling must be in"):
         misalignment_report(pre, experts, heads, data, scaling=-0.3)
+
+
+@pytest.mark.parametrize(("bad", "match"), [("nan", "NaN|finite"), ("width", "expects 3 input features")])
+def test_misalignment_report_checks_the_heads_before_the_analysis(bad, match):
+    import copy
+
+    pre, experts, heads, data = toy.make_problem(n_tasks=2, random_state=0, finetune_steps=2)
+    heads = {t: copy.deepcopy(h) for t, h in heads.items()}
+    t0 = next(iter(heads))
+    if bad == "nan":
+        with torch.no_grad():
+            next(heads[t0].parameters()).fill_(float("nan"))
+    else:
+        heads[t0] = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=match):  # was a normal-looking row / a bare matmul error
+        misalignment_report(pre, experts, heads, data)
