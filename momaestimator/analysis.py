@@ -412,7 +412,9 @@ def plot_history(merger, ax=None):
     ['fit', 'held-out']
     """
     import matplotlib.pyplot as plt
+    from sklearn.utils.validation import check_is_fitted
 
+    check_is_fitted(merger, "history_")
     ax = ax or plt.subplots(figsize=(6, 3.5))[1]
     h = merger.history_
     ax.plot([r["step"] for r in h], [r["loss"] for r in h], label="fit")

@@ -122,3 +122,13 @@ def test_misalignment_report_checks_the_heads_before_the_analysis(bad, match):
         heads[t0] = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match=match):  # was a normal-looking row / a bare matmul error
         misalignment_report(pre, experts, heads, data)
+
+
+def test_plot_history_of_an_unfitted_merger_says_it_is_not_fitted():
+    from sklearn.exceptions import NotFittedError
+
+    from momaestimator.analysis import plot_history
+
+    pre, experts, heads, _ = toy.make_problem(n_tasks=2, random_state=0, finetune_steps=2)
+    with pytest.raises(NotFittedError):
+        plot_history(MOMAMerger(pre, experts, heads))
