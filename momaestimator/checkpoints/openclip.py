@@ -131,13 +131,8 @@ def _split_prefix(state: Mapping, expected: Mapping[str, tuple]) -> str:
     image tower (``transformer.resblocks.*`` at the top level of a CLIP) does not win.
     """
     counts: dict[str, int] = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        for i in range(len(parts)):
-            rest = ".".join(parts[i:])
-            if rest in expected and tuple(getattr(value, "shape", ())) == expected[rest]:
-                prefix = ".".join(parts[:i]) + ("." if i else "")
-                counts[prefix] = counts.get(prefix, 0) + 1
+    for prefix, _ in _shape_matches(state, expected):
+        counts[prefix] = counts.get(prefix, 0) + 1
     if not counts:
         # Nothing has the right shape: still find the prefix, for the mismatch report.
         for key in state:
@@ -331,13 +326,19 @@ def matching_state(checkpoint, reference: Mapping) -> dict:
 def _whole_towers(state: Mapping, expected: Mapping[str, tuple]) -> list[str]:
     """The key prefixes under which ``state`` holds every expected entry with its shape."""
     found: dict[str, set] = {}
+    for prefix, name in _shape_matches(state, expected):
+        found.setdefault(prefix, set()).add(name)
+    return sorted(p for p, names in found.items() if len(names) == len(expected))
+
+
+def _shape_matches(state: Mapping, expected: Mapping[str, tuple]):
+    """``(prefix, name)`` for every key ``prefix + name`` of ``state`` whose value has ``expected[name]``'s shape."""
     for key, value in state.items():
         parts = key.split(".")
         for i in range(len(parts)):
             rest = ".".join(parts[i:])
             if rest in expected and tuple(getattr(value, "shape", ())) == expected[rest]:
-                found.setdefault(".".join(parts[:i]) + ("." if i else ""), set()).add(rest)
-    return sorted(p for p, names in found.items() if len(names) == len(expected))
+                yield ".".join(parts[:i]) + ("." if i else ""), rest
 
 
 def load_open_clip_encoder(model, checkpoint, *, quick_gelu=None, strict=True) -> nn.Module:
