@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import fingerprint_all
+from conftest import counting_loaders, fingerprint_all
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -427,17 +427,6 @@ def test_a_whole_training_set_as_fit_input_gets_a_warning(problem, unlabeled):
         MOMAMerger(pre, experts, heads, n_steps=1, random_state=0).fit(big)
 
 
-def _counting_loaders(experts, calls):
-    def loader(m):
-        def load():
-            calls.append(1)
-            return m
-
-        return load
-
-    return {t: loader(m) for t, m in experts.items()}
-
-
 @pytest.mark.parametrize(
     ("bad", "match"),
     [
@@ -459,7 +448,7 @@ def test_fit_checks_data_and_heads_before_reading_any_expert_checkpoint(problem,
     else:
         heads[t0] = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match=match):
-        MOMAMerger(pre, _counting_loaders(experts, calls), heads, n_steps=1).fit(X)
+        MOMAMerger(pre, counting_loaders(experts, calls), heads, n_steps=1).fit(X)
     assert calls == []  # no checkpoint was read
 
 
